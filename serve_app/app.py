@@ -1,0 +1,53 @@
+"""The builder: the ``import_path`` of serve_config.yaml.
+
+Deployment classes are plain classes; this is the one place that turns them
+into Ray Serve deployments, with options from the validated config, and binds
+the graph: per pipeline a TextEncoder, a Denoiser and a VaeDecoder; one
+PostProcessor; one ImagesIngress in front.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from serve_app.config import load_app_config
+from serve_app.deployments.denoiser import Denoiser
+from serve_app.deployments.ingress import ImagesIngress, api
+from serve_app.deployments.post_processor import PostProcessor
+from serve_app.deployments.text_encoder import TextEncoder
+from serve_app.deployments.vae_decoder import VaeDecoder
+from serve_app.security import resolve_signing_key
+
+
+def deployment_name(stage: str, pipeline: str) -> str:
+    return f"{stage}-{pipeline}"
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    config, registry = load_app_config(args)
+    stages = config.stages
+    pipelines: dict[str, dict[str, Application]] = {}
+    for name, pipeline in registry.pipelines.items():
+        pipelines[name] = {
+            key: serve.deployment(cls, name=deployment_name(cls.__name__, name), **opts.deployment_options()).bind(
+                pipeline, opts
+            )
+            for key, cls, opts in (
+                ("text_encoder", TextEncoder, stages.text_encoder),
+                ("denoiser", Denoiser, stages.denoiser),
+                ("vae_decoder", VaeDecoder, stages.vae_decoder),
+            )
+        }
+    post_processor = serve.deployment(
+        PostProcessor, name="PostProcessor", **stages.post_processor.deployment_options()
+    ).bind(config.image_store_url, config.png_compress_level)
+    # Generated once here, not per replica, so every ingress replica accepts
+    # every other one's URLs.
+    signing_key = resolve_signing_key(config.url_signing_key)
+    ingress = serve.deployment(
+        serve.ingress(api)(ImagesIngress), name="ImagesIngress", **stages.ingress.deployment_options()
+    )
+    return ingress.bind(config, registry, signing_key, pipelines, post_processor)

@@ -1,0 +1,223 @@
+"""The one config tree and its one loader.
+
+``serve_config.yaml`` is a standard Ray Serve config whose application
+``args:`` are validated by :class:`AppConfig`. The model registry lives in
+its own YAML file (``configs/models.yaml`` by default) and is validated by
+:class:`ModelRegistry`. Every field documents itself through ``description``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serve_app.families import FAMILIES
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# Every size any OpenAI image model accepts; a pipeline lists the subset it serves.
+OPENAI_SIZES = ("256x256", "512x512", "1024x1024", "1792x1024", "1024x1792", "1536x1024", "1024x1536")
+_SIZE_RE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """Relative paths in configs are relative to the project root, so the
+    service finds its files whatever directory Ray starts a replica in."""
+    p = Path(os.path.expanduser(str(path)))
+    return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PipelineConfig(_Strict):
+    source: str = Field(
+        description="Directory holding the pipeline in the standard diffusers layout "
+        "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/). "
+        "Relative paths are relative to the project root."
+    )
+    builtin: Literal["tiny-sd", "tiny-sdxl"] | None = Field(
+        default=None,
+        description="If set and `source` holds no model yet, build this tiny random-weight "
+        "model there on startup (the embedded offline default). Leave unset for real models.",
+    )
+    default_steps: int = Field(default=4, ge=1, le=500, description="Denoising steps per image.")
+    default_guidance: float = Field(
+        default=7.5, ge=0.0, le=50.0, description="Classifier-free guidance scale; 1 or less disables guidance."
+    )
+    default_size: str = Field(default="512x512", description="Size used when a request says `auto` or names none.")
+    sizes: list[str] = Field(
+        default_factory=lambda: list(OPENAI_SIZES),
+        description="Sizes (WxH) this pipeline serves; each side a multiple of 8.",
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float32", description="Weights' dtype on GPU. CPU always runs float32."
+    )
+
+    @field_validator("sizes")
+    @classmethod
+    def _check_sizes(cls, sizes: list[str]) -> list[str]:
+        for s in sizes:
+            parse_size(s)
+        return sizes
+
+    @model_validator(mode="after")
+    def _default_size_is_served(self) -> "PipelineConfig":
+        parse_size(self.default_size)
+        if self.default_size not in self.sizes:
+            raise ValueError(f"default_size {self.default_size} is not in sizes")
+        return self
+
+    @property
+    def path(self) -> Path:
+        return resolve_path(self.source)
+
+
+class ModelEntry(_Strict):
+    id: str = Field(description="Model id clients send as `model`.")
+    pipeline: str = Field(description="Key of the pipeline (in `pipelines`) that serves this id.")
+    family: str = Field(
+        description="OpenAI model family whose rules and defaults this id follows: "
+        + ", ".join(sorted(FAMILIES))
+    )
+    owned_by: str = Field(default="self-hosted", description="`owned_by` reported by /v1/models.")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, family: str) -> str:
+        if family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}")
+        return family
+
+
+class ModelRegistry(_Strict):
+    pipelines: dict[str, PipelineConfig] = Field(description="Pipelines by name; each gets its own stage deployments.")
+    models: list[ModelEntry] = Field(description="Model ids (and aliases) clients can name.")
+    default_model: str = Field(default="dall-e-2", description="Model used when a request names none.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelRegistry":
+        ids = [m.id for m in self.models]
+        dupes = {i for i in ids if ids.count(i) > 1}
+        if dupes:
+            raise ValueError(f"model ids listed twice: {sorted(dupes)}")
+        for m in self.models:
+            if m.pipeline not in self.pipelines:
+                raise ValueError(f"model {m.id!r} names unknown pipeline {m.pipeline!r}")
+        if self.default_model not in ids:
+            raise ValueError(f"default_model {self.default_model!r} is not a listed model id")
+        for name in self.pipelines:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(f"pipeline name {name!r} may only hold letters, digits, '_', '.', '-'")
+        return self
+
+    def model(self, model_id: str) -> ModelEntry | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+
+class StageOptions(_Strict):
+    """Ray Serve options of one stage's deployment, plus its torch threads."""
+
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=dict, description="Ray actor options, e.g. num_cpus, num_gpus (fractions pack stages on one GPU)."
+    )
+    num_replicas: int | None = Field(default=None, ge=1, description="Fixed replica count (ignored if autoscaling_config is set).")
+    autoscaling_config: dict[str, Any] | None = Field(
+        default=None, description="Ray Serve autoscaling_config: min_replicas, max_replicas, target_ongoing_requests, ..."
+    )
+    max_ongoing_requests: int = Field(default=8, ge=1, description="Requests one replica works on at once.")
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch.set_num_threads for this replica. Ray sets OMP_NUM_THREADS to the actor's "
+        "num_cpus (1 for fractions), which makes CPU inference several times slower; set this explicitly.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Where the stage runs; auto picks CUDA when the replica was given a GPU."
+    )
+
+    def deployment_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "ray_actor_options": dict(self.ray_actor_options),
+            "max_ongoing_requests": self.max_ongoing_requests,
+        }
+        if self.autoscaling_config is not None:
+            options["autoscaling_config"] = dict(self.autoscaling_config)
+        elif self.num_replicas is not None:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+
+def _cpu_stage(**kw: Any) -> StageOptions:
+    return StageOptions(ray_actor_options={"num_cpus": 0.25}, **kw)
+
+
+class StagesConfig(_Strict):
+    ingress: StageOptions = Field(default_factory=lambda: _cpu_stage(max_ongoing_requests=64))
+    text_encoder: StageOptions = Field(default_factory=lambda: _cpu_stage(torch_threads=2))
+    denoiser: StageOptions = Field(default_factory=lambda: _cpu_stage(torch_threads=2))
+    vae_decoder: StageOptions = Field(default_factory=lambda: _cpu_stage(torch_threads=2))
+    post_processor: StageOptions = Field(default_factory=lambda: _cpu_stage(max_ongoing_requests=16))
+
+
+class AppConfig(_Strict):
+    """The `args:` of the application in serve_config.yaml."""
+
+    models: str = Field(default="configs/models.yaml", description="Path of the model registry YAML.")
+    data_dir: str = Field(default="data", description="Where generated images (and the embedded model) are kept.")
+    image_store: str | None = Field(
+        default=None, description="fsspec URL where generated images are stored; default file://<data_dir>/images."
+    )
+    url_ttl_s: int = Field(default=3600, ge=1, description="Lifetime of image URLs in seconds (OpenAI: 60 minutes).")
+    url_signing_key: str | None = Field(
+        default=None,
+        description="HMAC key for image URLs. Env IMAGES_URL_SIGNING_KEY wins; if neither is set a random "
+        "key is generated at startup (URLs then die with the app).",
+    )
+    public_base_url: str | None = Field(
+        default=None, description="Base URL put in image URLs (e.g. https://images.example.com); default: the request's own."
+    )
+    api_keys_file: str | None = Field(
+        default=None, description="File with one API key per line (# comments allowed), in addition to env IMAGES_API_KEYS."
+    )
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body accepted (413 beyond).")
+    png_compress_level: int = Field(
+        default=1, ge=0, le=9, description="zlib level for PNG output: 1 is ~4x faster than Pillow's default 6 at 1024x1024, files somewhat larger."
+    )
+    stages: StagesConfig = Field(default_factory=StagesConfig, description="Deployment options per stage.")
+
+    @property
+    def data_path(self) -> Path:
+        return resolve_path(self.data_dir)
+
+    @property
+    def image_store_url(self) -> str:
+        return self.image_store or (self.data_path / "images").as_uri()
+
+
+def load_registry(path: str | os.PathLike) -> ModelRegistry:
+    with open(resolve_path(path)) as f:
+        return ModelRegistry.model_validate(yaml.safe_load(f) or {})
+
+
+def load_app_config(args: dict[str, Any] | None) -> tuple[AppConfig, ModelRegistry]:
+    """Validate the application args and load the registry they name."""
+    config = AppConfig.model_validate(args or {})
+    return config, load_registry(config.models)
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'WxH' -> (width, height); raises ValueError unless both are positive multiples of 8."""
+    m = _SIZE_RE.match(size)
+    if not m:
+        raise ValueError(f"size {size!r} is not of the form WIDTHxHEIGHT")
+    w, h = int(m.group(1)), int(m.group(2))
+    if w % 8 or h % 8 or w <= 0 or h <= 0:
+        raise ValueError(f"size {size!r}: both sides must be positive multiples of 8")
+    return w, h

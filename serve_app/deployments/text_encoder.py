@@ -1,0 +1,20 @@
+"""TextEncoder deployment: prompt -> embeddings. Holds the tokenizer(s) and text encoder(s) only."""
+
+from __future__ import annotations
+
+from serve_app.config import PipelineConfig, StageOptions
+from serve_app.deployments.replica import held_module_classes, prepare_replica
+from serve_app.pipeline.encoders import PromptEncoder
+from serve_app.pipeline.types import PromptEmbeddings
+
+
+class TextEncoder:
+    def __init__(self, pipeline: PipelineConfig, options: StageOptions):
+        layout, device, dtype = prepare_replica(pipeline, options)
+        self.encoder = PromptEncoder(layout, device, dtype)
+
+    def encode(self, prompt: str) -> PromptEmbeddings:
+        return self.encoder.encode(prompt)
+
+    def held_modules(self) -> list[str]:
+        return held_module_classes(self)

@@ -1,0 +1,94 @@
+"""A pure-ASGI guard in front of the routes: request id, body size limit, API key.
+
+Pure ASGI (not Starlette's BaseHTTPMiddleware) so that the body limit acts on
+the stream as it arrives, chunked bodies included, instead of after the whole
+body has been buffered.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_app.errors import OpenAIError
+from serve_app.security import ApiKeys
+
+# Routes that need no API key: liveness, the API's own description, and
+# signed image URLs (the signature is the credential).
+PUBLIC_PREFIXES = ("/health", "/v1/health", "/openapi.json", "/docs", "/v1/images/files/")
+
+
+@dataclass
+class GuardSettings:
+    """Filled in by the ingress replica when it starts."""
+
+    api_keys: ApiKeys = field(default_factory=lambda: ApiKeys([]))
+    max_body_bytes: int = 1 << 20
+
+
+class BodyTooLarge(OpenAIError):
+    def __init__(self, limit: int):
+        super().__init__(413, f"Request body too large; the limit is {limit} bytes.", code="request_too_large")
+
+
+class RequestGuard:
+    def __init__(self, app: ASGIApp, settings: GuardSettings):
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        # Ray's proxy assigns the id and echoes it on the response; without a
+        # proxy in front (unit tests) we make one and echo it ourselves.
+        request_id = headers.get("x-request-id")
+        add_header = request_id is None
+        if request_id is None:
+            request_id = secrets.token_hex(16)
+            scope["headers"] = list(scope.get("headers", [])) + [(b"x-request-id", request_id.encode())]
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if add_header and message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]
+            await send(message)
+
+        error = self._check(scope["path"], headers)
+        if error is not None:
+            await error.response()(scope, receive, send_with_id)
+            return
+
+        limit = self.settings.max_body_bytes
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, limited_receive, send_with_id)
+
+    def _check(self, path: str, headers: dict[str, str]) -> OpenAIError | None:
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return OpenAIError(400, "Invalid Content-Length header.", code="invalid_content_length")
+            if int(length) > self.settings.max_body_bytes:
+                return BodyTooLarge(self.settings.max_body_bytes)
+        if not path.startswith(PUBLIC_PREFIXES) and not self.settings.api_keys.check(headers.get("authorization")):
+            return OpenAIError(
+                401,
+                "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return None

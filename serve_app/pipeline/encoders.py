@@ -1,0 +1,74 @@
+"""Stage 1: prompt -> text embeddings (Stable Diffusion 1.x/2.x and SDXL)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from serve_app.pipeline.components import PipelineLayout
+from serve_app.pipeline.types import PromptEmbeddings
+
+
+class PromptEncoder:
+    """Loads only the tokenizer(s) and text encoder(s) of a pipeline."""
+
+    def __init__(self, layout: PipelineLayout, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.layout = layout
+        self.device = device
+        self.encoders = [
+            (layout.load(tok), layout.load(enc, dtype=dtype, device=device)) for tok, enc in layout.text_encoder_names
+        ]
+
+    def loaded_components(self) -> list[str]:
+        return [name for pair in self.layout.text_encoder_names for name in pair]
+
+    def _tokenize(self, tokenizer, text: str) -> torch.Tensor:
+        ids = tokenizer(
+            text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return ids.to(self.device)
+
+    def _embed(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states to condition on and, for SDXL, the pooled embedding."""
+        if not self.layout.is_sdxl:
+            tokenizer, encoder = self.encoders[0]
+            return encoder(self._tokenize(tokenizer, text))[0], None
+        # 2. SDXL: penultimate hidden states of both encoders, side by side;
+        # the pooled (projected) output of the last one.
+        hidden, pooled = [], None
+        for tokenizer, encoder in self.encoders:
+            out = encoder(self._tokenize(tokenizer, text), output_hidden_states=True)
+            pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), pooled
+
+    @torch.inference_mode()
+    def encode(self, prompt: str, negative_prompt: str = "") -> PromptEmbeddings:
+        # 1. Count the whole prompt's tokens and find what the window keeps.
+        tokenizer = self.encoders[0][0]
+        all_ids = tokenizer(prompt, truncation=False).input_ids
+        window = tokenizer.model_max_length - 2  # minus start and end tokens
+        text_ids = all_ids[1:-1]
+        truncated = len(text_ids) > window
+        encoded_prompt = tokenizer.decode(text_ids[:window]).strip() if truncated else prompt
+
+        # 2. Encode the prompt, then 3. the negative prompt for guidance.
+        embeds, pooled = self._embed(prompt)
+        if self.layout.force_zeros_for_empty_prompt and not negative_prompt:
+            neg_embeds = torch.zeros_like(embeds)
+            neg_pooled = None if pooled is None else torch.zeros_like(pooled)
+        else:
+            neg_embeds, neg_pooled = self._embed(negative_prompt)
+
+        def to_np(t: torch.Tensor | None) -> np.ndarray | None:
+            return None if t is None else t.float().cpu().numpy()
+
+        return PromptEmbeddings(
+            prompt_embeds=to_np(embeds),
+            negative_prompt_embeds=to_np(neg_embeds),
+            pooled_prompt_embeds=to_np(pooled),
+            negative_pooled_prompt_embeds=to_np(neg_pooled),
+            token_count=len(text_ids),
+            truncated=truncated,
+            encoded_prompt=encoded_prompt,
+        )

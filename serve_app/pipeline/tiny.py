@@ -1,0 +1,218 @@
+"""Tiny random-weight Stable Diffusion pipelines, built from configs.
+
+No machine this project is tested on can reach a model hub, so the embedded
+default model and the test fixtures are built here and written with
+``save_pretrained`` in the standard diffusers layout. The server then loads
+them through exactly the same ``from_pretrained`` code a real model uses.
+
+The shapes are chosen for speed on a 2-core CPU while keeping the real
+architecture's contract: 8x spatial downsampling in the VAE (four blocks,
+three downsamples), 4 latent channels, a CLIP text encoder with a 77-token
+window. The VAE has no mid-block attention: at 1024x1024 its latent is
+128x128 = 16384 tokens and quadratic attention there would take minutes.
+The weights are random, so the images are noise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+TINY_KINDS = ("tiny-sd", "tiny-sdxl")
+
+_TOKENIZER_WINDOW = 77
+_TEXT_HIDDEN = 32
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-character table."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def write_byte_level_tokenizer(folder: Path) -> None:
+    """Write a CLIP tokenizer whose vocabulary is every byte, with and
+    without CLIP's end-of-word marker, plus a handful of merges of frequent
+    English letter pairs so that token counts are not simply characters."""
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for s in symbols:
+        vocab[s] = len(vocab)
+    for s in symbols:
+        vocab[s + "</w>"] = len(vocab)
+    merges = []
+    for pair in ("th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "st", "es"):
+        a, b = pair
+        merges.append(f"{a} {b}")
+        vocab.setdefault(a + b, len(vocab))
+        merges.append(f"{a} {b}</w>")
+        vocab.setdefault(a + b + "</w>", len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(
+        vocab=str(folder / "vocab.json"),
+        merges=str(folder / "merges.txt"),
+        model_max_length=_TOKENIZER_WINDOW,
+    )
+    tokenizer.save_pretrained(str(folder))
+
+
+def _text_encoder_config(vocab_size: int, projection_dim: int = _TEXT_HIDDEN):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=_TEXT_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=_TOKENIZER_WINDOW,
+        projection_dim=projection_dim,
+        # CLIP's pooled output is taken at the end-of-text token; point the
+        # config at the id our vocabulary gives it.
+        eos_token_id=vocab_size - 1,
+        bos_token_id=vocab_size - 2,
+        pad_token_id=vocab_size - 1,
+    )
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        mid_block_add_attention=False,
+    )
+
+
+def _unet(sdxl: bool):
+    from diffusers import UNet2DConditionModel
+
+    common = dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 32, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    if not sdxl:
+        return UNet2DConditionModel(cross_attention_dim=_TEXT_HIDDEN, **common)
+    # SDXL conditions on both encoders' hidden states concatenated, plus the
+    # pooled embedding of the second encoder and six size/crop numbers.
+    addition_time_embed_dim = 8
+    return UNet2DConditionModel(
+        cross_attention_dim=2 * _TEXT_HIDDEN,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=addition_time_embed_dim,
+        projection_class_embeddings_input_dim=6 * addition_time_embed_dim + _TEXT_HIDDEN,
+        **common,
+    )
+
+
+def _scheduler(sdxl: bool):
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        timestep_spacing="trailing" if sdxl else "leading",
+        steps_offset=1,
+    )
+
+
+def build_tiny_pipeline(kind: str = "tiny-sd", seed: int = 0):
+    """Build a tiny random pipeline object of the given kind in memory."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if kind not in TINY_KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {TINY_KINDS}")
+    sdxl = kind == "tiny-sdxl"
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_byte_level_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    vocab_size = len(tokenizer)
+    text_encoder = CLIPTextModel(_text_encoder_config(vocab_size))
+    if not sdxl:
+        return StableDiffusionPipeline(
+            vae=_vae(),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=_unet(sdxl=False),
+            scheduler=_scheduler(sdxl=False),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    return StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=text_encoder,
+        text_encoder_2=CLIPTextModelWithProjection(_text_encoder_config(vocab_size)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=_unet(sdxl=True),
+        scheduler=_scheduler(sdxl=True),
+    )
+
+
+def save_tiny_pipeline(target: str | os.PathLike, kind: str = "tiny-sd", seed: int = 0) -> Path:
+    """Build a tiny pipeline and write it to ``target`` in diffusers layout.
+
+    Writes into a sibling temporary folder and renames it into place, so a
+    reader never sees a half-written model (several replicas may race to
+    build the embedded default on first start).
+    """
+    target = Path(target)
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pipe = build_tiny_pipeline(kind, seed)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process finished first; its copy is as good as ours.
+            if not (target / "model_index.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
