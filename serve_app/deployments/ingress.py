@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
+from ray import serve
 
 from serve_app.codecs import CONTENT_TYPES
 from serve_app.config import AppConfig, ModelRegistry
@@ -120,3 +121,11 @@ class ImagesIngress:
             raise OpenAIError(404, "No such image.", code="not_found")
         ext = name.rsplit(".", 1)[1]
         return Response(data, media_type=CONTENT_TYPES[ext], headers={"Cache-Control": "private, max-age=3600"})
+
+
+# Ray turns the methods above into routes bound to the replica's instance by
+# rewriting their signatures. That has to happen at import time in every
+# process that serves them (a rewrite done in the builder's process is lost
+# when the class is shipped to replicas), so it is done here, not in app.py.
+# ImagesIngress itself stays a plain class.
+ImagesIngressASGI = serve.ingress(api)(ImagesIngress)
