@@ -15,7 +15,7 @@ from ray.serve import Application
 
 from serve_app.config import load_app_config
 from serve_app.deployments.denoiser import Denoiser
-from serve_app.deployments.ingress import ImagesIngressASGI
+from serve_app.deployments.ingress import ImagesIngress
 from serve_app.deployments.post_processor import PostProcessor
 from serve_app.deployments.text_encoder import TextEncoder
 from serve_app.deployments.vae_decoder import VaeDecoder
@@ -48,6 +48,6 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     # every other one's URLs.
     signing_key = resolve_signing_key(config.url_signing_key)
     ingress = serve.deployment(
-        ImagesIngressASGI, name="ImagesIngress", **stages.ingress.deployment_options()
+        serve.ingress()(ImagesIngress), name="ImagesIngress", **stages.ingress.deployment_options()
     )
     return ingress.bind(config, registry, signing_key, pipelines, post_processor)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.errors import OpenAIError
+from serve_app.errors import OpenAIError, to_openai_error
 from serve_app.security import ApiKeys
 
 # Routes that need no API key: liveness, the API's own description, and
@@ -65,17 +65,39 @@ class RequestGuard:
 
         limit = self.settings.max_body_bytes
         received = 0
+        answered = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            # Count the body as it streams in; past the limit, answer 413 at
+            # once and tell the app the client went away so it stops reading.
+            nonlocal received, answered
+            if answered:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(limit)
+                    answered = True
+                    await BodyTooLarge(limit).response()(scope, receive, send_with_id)
+                    return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, limited_receive, send_with_id)
+        started = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if not answered:
+                started = started or message["type"] == "http.response.start"
+                await send_with_id(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            # Starlette answers unhandled exceptions outside all middleware;
+            # answer here instead so the 500 carries the request id too.
+            if started or answered:
+                raise
+            await to_openai_error(exc, request_id).response()(scope, receive, send_with_id)
 
     def _check(self, path: str, headers: dict[str, str]) -> OpenAIError | None:
         length = headers.get("content-length")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from serve_app.config import PipelineConfig, StageOptions
-from serve_app.deployments.replica import held_module_classes, prepare_replica
+from serve_app.deployments.replica import describe_replica, prepare_replica
 from serve_app.pipeline.denoise import LatentDenoiser
 from serve_app.pipeline.types import DenoiseJob
 
@@ -18,5 +18,5 @@ class Denoiser:
     def denoise(self, job: DenoiseJob) -> np.ndarray:
         return self.denoiser.denoise(job)
 
-    def held_modules(self) -> list[str]:
-        return held_module_classes(self)
+    def describe(self) -> dict:
+        return describe_replica(self)

@@ -9,12 +9,12 @@ mapper in ``serve_app.errors``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
-from ray import serve
 
 from serve_app.codecs import CONTENT_TYPES
 from serve_app.config import AppConfig, ModelRegistry
@@ -31,17 +31,16 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 500, 503)
 }
 
-api = FastAPI(
-    title="Self-hosted OpenAI-compatible Images API",
-    version="0.1.0",
-    description="OpenAI Images API on a Ray Serve graph of text encoder, denoiser, VAE decoder and post-processor.",
-)
-install_error_handlers(api)
-_guard = GuardSettings()
-api.add_middleware(RequestGuard, settings=_guard)
-
 
 class ImagesIngress:
+    """Holds the ingress's state; :func:`build_api` gives it its HTTP routes.
+
+    Ray calls ``__serve_build_asgi_app__`` on each replica after ``__init__``,
+    so every replica builds its own FastAPI app around its own instance (no
+    module-level app whose copies drift apart between processes), and tests
+    build the very same app around an in-process instance.
+    """
+
     def __init__(
         self,
         config: AppConfig,
@@ -50,8 +49,6 @@ class ImagesIngress:
         pipelines: dict[str, dict[str, Any]],
         post_processor: Any,
     ):
-        import os
-
         self.config = config
         self.registry = registry
         self.signer = UrlSigner(signing_key, config.url_ttl_s)
@@ -61,20 +58,18 @@ class ImagesIngress:
             for name, h in pipelines.items()
         }
         self.created = int(time.time())
-        keys = ApiKeys.from_sources(os.environ.get(API_KEYS_ENV), config.api_keys_file)
-        _guard.api_keys = keys
-        _guard.max_body_bytes = config.max_body_bytes
-        if not keys.enabled:
+        self.api_keys = ApiKeys.from_sources(os.environ.get(API_KEYS_ENV), config.api_keys_file)
+        if not self.api_keys.enabled:
             logger.warning("No API key configured (%s or api_keys_file): the API is open to anyone who can reach it.", API_KEYS_ENV)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self)
 
     def _image_url(self, request: Request, name: str) -> str:
         base = (self.config.public_base_url or str(request.base_url)).rstrip("/")
         expires, sig = self.signer.sign(name)
         return f"{base}/v1/images/files/{name}?expires={expires}&sig={sig}"
 
-    @api.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS)
-    @api.post("/images/generations", response_model=ImagesResponse, include_in_schema=False)
-    @api.post("/api/images/generations", response_model=ImagesResponse, include_in_schema=False)
     async def create_image(self, body: ImageGenerationRequest, request: Request) -> JSONResponse:
         resolved = resolve_request(body, self.registry)
         logger.info(
@@ -93,20 +88,12 @@ class ImagesIngress:
         )
         return JSONResponse(result.model_dump(exclude_none=True))
 
-    @api.get("/v1/models", response_model=ModelList)
-    @api.get("/models", response_model=ModelList, include_in_schema=False)
     async def list_models(self) -> ModelList:
         return ModelList(data=[Model(id=m.id, created=self.created, owned_by=m.owned_by) for m in self.registry.models])
 
-    @api.get("/health")
-    @api.get("/v1/health", include_in_schema=False)
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get(
-        "/v1/images/files/{name}",
-        responses={200: {"content": {v: {} for v in CONTENT_TYPES.values()}}, 403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
-    )
     async def get_image(self, name: str, expires: str | None = Query(None), sig: str | None = Query(None)) -> Response:
         # A missing or malformed signature is a bad signature (403), not a bad request.
         problem = "bad_signature"
@@ -123,9 +110,36 @@ class ImagesIngress:
         return Response(data, media_type=CONTENT_TYPES[ext], headers={"Cache-Control": "private, max-age=3600"})
 
 
-# Ray turns the methods above into routes bound to the replica's instance by
-# rewriting their signatures. That has to happen at import time in every
-# process that serves them (a rewrite done in the builder's process is lost
-# when the class is shipped to replicas), so it is done here, not in app.py.
-# ImagesIngress itself stays a plain class.
-ImagesIngressASGI = serve.ingress(api)(ImagesIngress)
+def build_api(ingress: ImagesIngress) -> FastAPI:
+    """The routes, middleware and error handlers around one ingress instance."""
+    api = FastAPI(
+        title="Self-hosted OpenAI-compatible Images API",
+        version="0.1.0",
+        description="OpenAI Images API on a Ray Serve graph of text encoder, denoiser, VAE decoder and post-processor.",
+    )
+    install_error_handlers(api)
+    api.add_middleware(
+        RequestGuard, settings=GuardSettings(api_keys=ingress.api_keys, max_body_bytes=ingress.config.max_body_bytes)
+    )
+    # Clients that set base_url without /v1, and some proxies, use the aliases.
+    for i, path in enumerate(("/v1/images/generations", "/images/generations", "/api/images/generations")):
+        api.add_api_route(
+            path, ingress.create_image, methods=["POST"], response_model=ImagesResponse, responses=_ERRORS,
+            include_in_schema=i == 0, operation_id=None if i == 0 else f"create_image_alias_{i}",
+        )
+    for i, path in enumerate(("/v1/models", "/models")):
+        api.add_api_route(path, ingress.list_models, methods=["GET"], response_model=ModelList, include_in_schema=i == 0)
+    for i, path in enumerate(("/health", "/v1/health")):
+        api.add_api_route(path, ingress.health, methods=["GET"], include_in_schema=i == 0)
+    api.add_api_route(
+        "/v1/images/files/{name}",
+        ingress.get_image,
+        methods=["GET"],
+        response_class=Response,
+        responses={
+            200: {"content": {v: {} for v in CONTENT_TYPES.values()}},
+            403: {"model": ErrorResponse},
+            404: {"model": ErrorResponse},
+        },
+    )
+    return api

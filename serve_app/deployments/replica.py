@@ -32,7 +32,7 @@ def prepare_replica(pipeline: PipelineConfig, options: StageOptions) -> tuple[Pi
 
 def held_module_classes(obj: Any) -> list[str]:
     """Class names of the torch modules an object holds (attributes, and
-    lists/tuples/dicts of them, two levels deep). Used to prove that a stage
+    containers of them, a few levels deep). Used to prove that a stage
     loaded only its own components."""
     found: set[str] = set()
 
@@ -49,5 +49,10 @@ def held_module_classes(obj: Any) -> list[str]:
             for v in vars(value).values():
                 visit(v, depth - 1)
 
-    visit(obj, 3)
+    visit(obj, 5)
     return sorted(found)
+
+
+def describe_replica(stage: Any) -> dict[str, Any]:
+    """What a stage replica actually runs with, for tests and debugging."""
+    return {"modules": held_module_classes(stage), "torch_threads": torch.get_num_threads()}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from serve_app.config import PipelineConfig, StageOptions
-from serve_app.deployments.replica import held_module_classes, prepare_replica
+from serve_app.deployments.replica import describe_replica, prepare_replica
 from serve_app.pipeline.encoders import PromptEncoder
 from serve_app.pipeline.types import PromptEmbeddings
 
@@ -16,5 +16,5 @@ class TextEncoder:
     def encode(self, prompt: str) -> PromptEmbeddings:
         return self.encoder.encode(prompt)
 
-    def held_modules(self) -> list[str]:
-        return held_module_classes(self)
+    def describe(self) -> dict:
+        return describe_replica(self)

@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny models built once per session, and a test registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve_app.pipeline.tiny import save_tiny_pipeline
+
+TEST_API_KEY = "sk-test-key-for-the-suite"
+TEST_SIGNING_KEY = "test-signing-key"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd", "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", "tiny-sdxl")
+
+
+def write_registry(path: Path, model_dir: Path) -> Path:
+    """A registry shaped like the shipped one, pointing at a test model."""
+    shipped = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "models.yaml").read_text())
+    for pipeline in shipped["pipelines"].values():
+        pipeline["source"] = str(model_dir)
+        pipeline.pop("builtin", None)
+    path.write_text(yaml.safe_dump(shipped))
+    return path
+
+
+@pytest.fixture(scope="session")
+def app_args(tmp_path_factory, tiny_sd_dir) -> dict:
+    """Application args for the service under test: the shipped registry on the
+    session's tiny model, an API key file, a known signing key, a temp data dir."""
+    root = tmp_path_factory.mktemp("service")
+    keys = root / "api_keys"
+    keys.write_text(f"# test keys\n{TEST_API_KEY}\n")
+    return {
+        "models": str(write_registry(root / "models.yaml", tiny_sd_dir)),
+        "data_dir": str(root / "data"),
+        "api_keys_file": str(keys),
+        "url_signing_key": TEST_SIGNING_KEY,
+        "max_body_bytes": 64 * 1024,
+    }
+
+
+class LocalHandle:
+    """Stands in for a Ray DeploymentHandle: ``handle.method.remote(...)`` runs
+    the method of an in-process object in a worker thread."""
+
+    def __init__(self, obj):
+        self._obj = obj
+
+    def __getattr__(self, name):
+        import asyncio
+
+        method = getattr(self._obj, name)
+
+        class _Method:
+            @staticmethod
+            def remote(*args, **kwargs):
+                return asyncio.to_thread(method, *args, **kwargs)
+
+        return _Method()
+
+
+@pytest.fixture(scope="session")
+def local_stages(app_args):
+    """The real stage deployment classes, in-process, keyed like the builder's graph."""
+    from serve_app.config import load_app_config
+    from serve_app.deployments.denoiser import Denoiser
+    from serve_app.deployments.post_processor import PostProcessor
+    from serve_app.deployments.text_encoder import TextEncoder
+    from serve_app.deployments.vae_decoder import VaeDecoder
+
+    config, registry = load_app_config(app_args)
+    pipelines = {
+        name: {
+            "text_encoder": LocalHandle(TextEncoder(p, config.stages.text_encoder)),
+            "denoiser": LocalHandle(Denoiser(p, config.stages.denoiser)),
+            "vae_decoder": LocalHandle(VaeDecoder(p, config.stages.vae_decoder)),
+        }
+        for name, p in registry.pipelines.items()
+    }
+    post = LocalHandle(PostProcessor(config.image_store_url, config.png_compress_level))
+    return config, registry, pipelines, post
+
+
+@pytest.fixture()
+def ingress_client(local_stages, monkeypatch):
+    """The real FastAPI ingress (middleware, routes, error mapping) without Ray,
+    built the way a replica builds it."""
+    from fastapi.testclient import TestClient
+
+    from serve_app.deployments.ingress import ImagesIngress
+
+    config, registry, pipelines, post = local_stages
+    monkeypatch.delenv("IMAGES_API_KEYS", raising=False)
+    monkeypatch.delenv("IMAGES_URL_SIGNING_KEY", raising=False)
+    instance = ImagesIngress(config, registry, TEST_SIGNING_KEY, pipelines, post)
+    with TestClient(instance.__serve_build_asgi_app__(), raise_server_exceptions=False) as client:
+        client.headers["Authorization"] = f"Bearer {TEST_API_KEY}"
+        client.instance = instance
+        yield client

@@ -1,0 +1,98 @@
+"""Stage code on tiny models, without Ray: shapes, dtypes, seeds, and parity with diffusers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from serve_app.config import PipelineConfig, StageOptions
+from serve_app.deployments.denoiser import Denoiser
+from serve_app.deployments.text_encoder import TextEncoder
+from serve_app.deployments.vae_decoder import VaeDecoder
+from serve_app.pipeline.components import ModelLayoutError, PipelineLayout
+from serve_app.pipeline.types import DenoiseJob
+
+
+@pytest.fixture(scope="module", params=["tiny-sd", "tiny-sdxl"])
+def stages(request, tiny_sd_dir, tiny_sdxl_dir):
+    model_dir = tiny_sd_dir if request.param == "tiny-sd" else tiny_sdxl_dir
+    pipeline = PipelineConfig(source=str(model_dir))
+    opts = StageOptions(torch_threads=2)
+    return request.param, model_dir, TextEncoder(pipeline, opts), Denoiser(pipeline, opts), VaeDecoder(pipeline, opts)
+
+
+def run(stages, prompt="a cute baby sea otter", seeds=(1, 2), size=(256, 256), steps=2, guidance=7.5):
+    _, _, te, dn, vae = stages
+    emb = te.encode(prompt)
+    latents = dn.denoise(DenoiseJob(emb, list(seeds), size[1], size[0], steps, guidance))
+    return emb, latents, vae.decode(latents)
+
+
+def test_shapes_and_dtypes(stages):
+    kind = stages[0]
+    emb, latents, pixels = run(stages, size=(256, 128))
+    assert emb.prompt_embeds.dtype == np.float32 and emb.prompt_embeds.shape[:2] == (1, 77)
+    assert emb.negative_prompt_embeds.shape == emb.prompt_embeds.shape
+    if kind == "tiny-sdxl":
+        assert emb.prompt_embeds.shape[2] == 64  # two encoders side by side
+        assert emb.pooled_prompt_embeds.shape == (1, 32)
+        assert not emb.negative_prompt_embeds.any()  # SDXL: zeros for an empty negative prompt
+    else:
+        assert emb.pooled_prompt_embeds is None
+    assert latents.shape == (2, 4, 128 // 8, 256 // 8) and latents.dtype == np.float32
+    assert pixels.shape == (2, 128, 256, 3) and pixels.dtype == np.uint8
+
+
+def test_same_seed_same_pixels_other_seed_other_pixels(stages):
+    _, _, a = run(stages, seeds=(7, 8))
+    _, _, b = run(stages, seeds=(7, 9))
+    assert np.array_equal(a[0], b[0])  # an image depends only on its own seed
+    assert not np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], a[1])
+
+
+def test_token_count_and_truncation(stages):
+    emb = stages[2].encode("word " * 100)
+    assert emb.token_count > 75 and emb.truncated
+    assert emb.encoded_prompt.startswith("word") and len(emb.encoded_prompt) < len("word " * 100)
+    short = stages[2].encode("otter")
+    assert not short.truncated and short.encoded_prompt == "otter" and 0 < short.token_count < 10
+
+
+def test_matches_diffusers_pipeline(stages):
+    """The split stages give the very pixels the one-process diffusers pipeline gives."""
+    from diffusers import DiffusionPipeline
+
+    kind, model_dir = stages[0], stages[1]
+    pipe = DiffusionPipeline.from_pretrained(str(model_dir))
+    ref = pipe(
+        "a cute baby sea otter",
+        height=256,
+        width=256,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        num_images_per_prompt=2,
+        generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+        output_type="np",
+    ).images
+    ref = (ref * 255).round().astype(np.uint8)
+    _, _, pixels = run(stages)
+    assert np.abs(ref.astype(int) - pixels.astype(int)).max() <= 1, kind
+
+
+def test_each_stage_holds_only_its_components(stages):
+    _, _, te, dn, vae = stages
+    assert "CLIPTextModel" in te.describe()['modules']
+    assert not {"UNet2DConditionModel", "AutoencoderKL"} & set(te.describe()['modules'])
+    assert dn.describe()['modules'] == ["UNet2DConditionModel"]
+    assert vae.describe()['modules'] == ["AutoencoderKL"]
+
+
+def test_layout_errors_name_the_problem(tmp_path, tiny_sd_dir):
+    with pytest.raises(ModelLayoutError, match="model_index.json"):
+        PipelineLayout.read(tmp_path)
+    (tmp_path / "model_index.json").write_text((tiny_sd_dir / "model_index.json").read_text())
+    layout = PipelineLayout.read(tmp_path)
+    with pytest.raises(ModelLayoutError, match="unet/"):
+        layout.load("unet")

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from serve_app.config import AppConfig, ModelRegistry, load_app_config, parse_size
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def shipped_args(path: str) -> dict:
+    cfg = yaml.safe_load((ROOT / path).read_text())
+    (app,) = cfg["applications"]
+    assert app["import_path"] == "serve_app.app:build_app"
+    return app["args"]
+
+
+@pytest.mark.parametrize("path", ["serve_config.yaml", "configs/serve_config.gpu.yaml"])
+def test_shipped_serve_configs_validate(path):
+    config, registry = load_app_config(shipped_args(path))
+    assert registry.default_model == "dall-e-2"
+    assert {"dall-e-2", "dall-e-3", "gpt-image-1"} <= {m.id for m in registry.models}
+    for stage in ("text_encoder", "denoiser", "vae_decoder"):
+        assert getattr(config.stages, stage).torch_threads
+
+
+def test_gpu_profile_packs_stages_on_one_gpu():
+    config, _ = load_app_config(shipped_args("configs/serve_config.gpu.yaml"))
+    gpus = {s: getattr(config.stages, s).ray_actor_options.get("num_gpus", 0) for s in ("text_encoder", "denoiser", "vae_decoder")}
+    assert all(0 < g < 1 for g in gpus.values()) and sum(gpus.values()) <= 1
+    assert gpus["denoiser"] == max(gpus.values())
+
+
+def test_shipped_cpu_profile_binds_loopback():
+    cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    assert cfg["http_options"] == {"host": "127.0.0.1", "port": 8000}
+
+
+def registry(**over) -> dict:
+    base = {
+        "pipelines": {"p": {"source": "/m", "sizes": ["512x512"], "default_size": "512x512"}},
+        "models": [{"id": "dall-e-2", "pipeline": "p", "family": "dall-e-2"}],
+        "default_model": "dall-e-2",
+    }
+    base.update(over)
+    return base
+
+
+def test_valid_registry():
+    assert ModelRegistry.model_validate(registry()).model("dall-e-2").pipeline == "p"
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"default_model": "nope"},
+        {"models": [{"id": "dall-e-2", "pipeline": "missing", "family": "dall-e-2"}]},
+        {"models": [{"id": "dall-e-2", "pipeline": "p", "family": "dall-e-9"}]},
+        {"models": [{"id": "dall-e-2", "pipeline": "p", "family": "dall-e-2"}] * 2},
+        {"pipelines": {"p": {"source": "/m", "sizes": ["500x500"], "default_size": "500x500"}}},
+        {"pipelines": {"p": {"source": "/m", "sizes": ["512x512"], "default_size": "1024x1024"}}},
+        {"pipelines": {"p": {"source": "/m", "unknown_field": 1}}},
+    ],
+)
+def test_invalid_registry_is_refused(over):
+    with pytest.raises(ValidationError):
+        ModelRegistry.model_validate(registry(**over))
+
+
+def test_unknown_app_arg_is_refused():
+    with pytest.raises(ValidationError):
+        AppConfig.model_validate({"modles": "typo.yaml"})
+
+
+def test_parse_size():
+    assert parse_size("1792x1024") == (1792, 1024)
+    for bad in ("auto", "512", "512x", "511x512", "0x0"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_relative_paths_resolve_against_project_root():
+    config = AppConfig(data_dir="data")
+    assert config.data_path == ROOT / "data"
+    assert config.image_store_url == (ROOT / "data" / "images").as_uri()
