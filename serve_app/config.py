@@ -56,6 +56,11 @@ class PipelineConfig(_Strict):
         default_factory=lambda: list(OPENAI_SIZES),
         description="Sizes (WxH) this pipeline serves; each side a multiple of 8.",
     )
+    max_pixels: int = Field(
+        default=1536 * 1536,
+        ge=64 * 64,
+        description="Largest width*height a free-size request (gpt-image family: any WxH) may ask for.",
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         default="float32", description="Weights' dtype on GPU. CPU always runs float32."
     )
@@ -79,6 +84,32 @@ class PipelineConfig(_Strict):
         return resolve_path(self.source)
 
 
+class Tier(_Strict):
+    """The work one quality tier (or complexity preset) does."""
+
+    steps: int | None = Field(default=None, ge=1, le=500, description="Denoising steps; default from the pipeline.")
+    guidance: float | None = Field(default=None, ge=0.0, le=50.0, description="Guidance scale; default from the pipeline.")
+
+
+class StylePreset(_Strict):
+    guidance: float | None = Field(default=None, ge=0.0, le=50.0, description="Guidance scale for this style.")
+    template: str = Field(default="{prompt}", description="Prompt template; {prompt} is the user's prompt.")
+
+    @field_validator("template")
+    @classmethod
+    def _has_prompt(cls, t: str) -> str:
+        if "{prompt}" not in t:
+            raise ValueError("a style template must contain {prompt}")
+        return t
+
+
+def _default_styles() -> dict[str, StylePreset]:
+    return {
+        "vivid": StylePreset(guidance=9.0, template="{prompt}, vivid colors, dramatic lighting, hyper-detailed"),
+        "natural": StylePreset(guidance=6.0, template="{prompt}"),
+    }
+
+
 class ModelEntry(_Strict):
     id: str = Field(description="Model id clients send as `model`.")
     pipeline: str = Field(description="Key of the pipeline (in `pipelines`) that serves this id.")
@@ -87,6 +118,28 @@ class ModelEntry(_Strict):
         + ", ".join(sorted(FAMILIES))
     )
     owned_by: str = Field(default="self-hosted", description="`owned_by` reported by /v1/models.")
+    default_size: str | None = Field(
+        default=None, description="Size for `auto` or no size; default: the pipeline's, if the family allows it, else the family's."
+    )
+    tiers: dict[str, Tier] = Field(
+        default_factory=dict,
+        description="Quality tiers -> steps and guidance. Unset tiers derive from the pipeline's default steps S: "
+        "low S/2, medium and standard S, high and hd 2S. xhigh and max exist only if defined here.",
+    )
+    styles: dict[str, StylePreset] = Field(
+        default_factory=_default_styles, description="Style (dall-e-3 family) -> guidance and prompt template."
+    )
+    complexity: dict[str, Tier] = Field(
+        default_factory=dict,
+        description="Optional presets for the SDK's `complexity` (low, medium, high); unmapped values are ignored.",
+    )
+    background_auto: Literal["opaque", "transparent"] = Field(
+        default="opaque", description="What `background=auto` means for this model."
+    )
+    transparent_template: str = Field(
+        default="{prompt}, isolated on a plain flat white background",
+        description="Prompt template used for `background=transparent`, asking for a backdrop easy to matte out.",
+    )
 
     @field_validator("family")
     @classmethod
@@ -95,11 +148,31 @@ class ModelEntry(_Strict):
             raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}")
         return family
 
+    def tier(self, quality: str, pipeline: "PipelineConfig") -> tuple[int, float] | None:
+        """(steps, guidance) for a quality tier, or None if this model has no such tier."""
+        steps = pipeline.default_steps
+        derived = {"low": max(1, steps // 2), "medium": steps, "standard": steps, "high": 2 * steps, "hd": 2 * steps}
+        if quality in self.tiers:
+            t = self.tiers[quality]
+            return (t.steps or derived.get(quality, steps), t.guidance if t.guidance is not None else pipeline.default_guidance)
+        if quality in derived:
+            return derived[quality], pipeline.default_guidance
+        return None
+
 
 class ModelRegistry(_Strict):
     pipelines: dict[str, PipelineConfig] = Field(description="Pipelines by name; each gets its own stage deployments.")
     models: list[ModelEntry] = Field(description="Model ids (and aliases) clients can name.")
     default_model: str = Field(default="dall-e-2", description="Model used when a request names none.")
+    default_gpt_image_model: str | None = Field(
+        default=None,
+        description="Model used when a request names none but uses a gpt-image-only parameter (background, moderation, "
+        "output_format, output_compression, stream, partial_images); default: the first gpt-image model listed, "
+        "else default_model.",
+    )
+    moderation: str | None = Field(
+        default="configs/moderation.yaml", description="Prompt moderation list (YAML); null disables moderation."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelRegistry":
@@ -112,6 +185,10 @@ class ModelRegistry(_Strict):
                 raise ValueError(f"model {m.id!r} names unknown pipeline {m.pipeline!r}")
         if self.default_model not in ids:
             raise ValueError(f"default_model {self.default_model!r} is not a listed model id")
+        if self.default_gpt_image_model is not None:
+            gpt = self.model(self.default_gpt_image_model)
+            if gpt is None or gpt.family != "gpt-image":
+                raise ValueError(f"default_gpt_image_model {self.default_gpt_image_model!r} is not a listed gpt-image model")
         for name in self.pipelines:
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
                 raise ValueError(f"pipeline name {name!r} may only hold letters, digits, '_', '.', '-'")
@@ -119,6 +196,11 @@ class ModelRegistry(_Strict):
 
     def model(self, model_id: str) -> ModelEntry | None:
         return next((m for m in self.models if m.id == model_id), None)
+
+    def gpt_image_default(self) -> str:
+        if self.default_gpt_image_model is not None:
+            return self.default_gpt_image_model
+        return next((m.id for m in self.models if m.family == "gpt-image"), self.default_model)
 
 
 class StageOptions(_Strict):

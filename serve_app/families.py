@@ -1,25 +1,106 @@
 """The one place that knows each OpenAI model family's rules.
 
-A model id in the registry declares a family; the family decides defaults
-that OpenAI documents per model (and, as the contract grows, which sizes,
-qualities and parameters it takes). The request resolver reads these rules;
+A model id in the registry declares a family; the family decides which
+values each parameter may take, the defaults OpenAI documents, and which
+parameters it does not use (those are accepted, ignored, and reported in the
+``x-ignored-parameters`` header). The request resolver reads these rules;
 nothing else hard-codes a family name.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+# Parameters only the GPT image family uses. A request that names no model
+# but uses one of them goes to the configured gpt-image default, as OpenAI does.
+GPT_IMAGE_ONLY_PARAMS = ("background", "moderation", "output_format", "output_compression", "stream", "partial_images")
+
+# Quality tiers whose output tokens are billed like `high`.
+BILLED_LIKE_HIGH = ("xhigh", "max")
+_TOKEN_FACTOR = {"low": 16, "medium": 32, "high": 64}
 
 
 @dataclass(frozen=True)
 class FamilyRules:
     name: str
-    default_response_format: str
-    default_output_format: str = "png"
+    max_prompt_chars: int
+    max_n: int
+    sizes: tuple[str, ...]
+    default_size: str
+    qualities: tuple[str, ...]  # besides "auto", which every family accepts
+    default_quality: str  # what "auto" and an absent quality resolve to
+    optional_qualities: tuple[str, ...] = ()  # valid only where the model's config defines the tier
+    styles: tuple[str, ...] = ()
+    default_style: str | None = None
+    default_response_format: str = "url"
+    free_sizes: bool = False  # any WxH within the limits below
+    uses_gpt_image_params: bool = False
+    revised_prompt: bool = False
+    response_extras: bool = False  # background, output_format, quality, size, usage on the response
+
+    def ignored(self, given: dict[str, object]) -> list[str]:
+        """Names of the given (non-null) parameters this family does not use."""
+        out = []
+        if not self.uses_gpt_image_params:
+            out += [p for p in GPT_IMAGE_ONLY_PARAMS if given.get(p) is not None]
+        if not self.styles and given.get("style") is not None:
+            out.append("style")
+        return out
+
+    def check_free_size(self, width: int, height: int, max_pixels: int) -> str | None:
+        """Why a WxH is not acceptable for a free-size family, or None."""
+        if width % 16 or height % 16:
+            return "both sides must be multiples of 16"
+        if max(width, height) > 3 * min(width, height):
+            return "the aspect ratio must be between 1:3 and 3:1"
+        if width * height > max_pixels:
+            return f"at most {max_pixels} pixels are allowed"
+        return None
 
 
 FAMILIES: dict[str, FamilyRules] = {
-    "dall-e-2": FamilyRules(name="dall-e-2", default_response_format="url"),
-    "dall-e-3": FamilyRules(name="dall-e-3", default_response_format="url"),
-    "gpt-image": FamilyRules(name="gpt-image", default_response_format="b64_json"),
+    "dall-e-2": FamilyRules(
+        name="dall-e-2",
+        max_prompt_chars=1000,
+        max_n=10,
+        sizes=("256x256", "512x512", "1024x1024"),
+        default_size="1024x1024",
+        qualities=("standard",),
+        default_quality="standard",
+    ),
+    "dall-e-3": FamilyRules(
+        name="dall-e-3",
+        max_prompt_chars=4000,
+        max_n=1,
+        sizes=("1024x1024", "1792x1024", "1024x1792"),
+        default_size="1024x1024",
+        qualities=("standard", "hd"),
+        default_quality="standard",
+        styles=("vivid", "natural"),
+        default_style="vivid",
+        revised_prompt=True,
+    ),
+    "gpt-image": FamilyRules(
+        name="gpt-image",
+        max_prompt_chars=32000,
+        max_n=10,
+        sizes=("1024x1024", "1536x1024", "1024x1536"),
+        default_size="1024x1024",
+        qualities=("low", "medium", "high"),
+        default_quality="medium",
+        optional_qualities=BILLED_LIKE_HIGH,
+        default_response_format="b64_json",
+        free_sizes=True,
+        uses_gpt_image_params=True,
+        response_extras=True,
+    ),
 }
+
+
+def output_tokens(width: int, height: int, quality: str) -> int:
+    """Image output tokens, by the formula that reproduces OpenAI's published
+    table: with f = 16, 32, 64 for low, medium, high,
+    ceil(H*f/1024) * (ceil(W*f/1024) + 1)."""
+    f = _TOKEN_FACTOR["high" if quality in BILLED_LIKE_HIGH else quality]
+    return math.ceil(height * f / 1024) * (math.ceil(width * f / 1024) + 1)

@@ -10,15 +10,24 @@ import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 
 import numpy as np
 
 from serve_app.config import ModelEntry, ModelRegistry, PipelineConfig, parse_size
 from serve_app.errors import invalid_request
-from serve_app.families import FAMILIES
+from serve_app.families import FAMILIES, GPT_IMAGE_ONLY_PARAMS, FamilyRules, output_tokens
 from serve_app.pipeline.types import DenoiseJob, PromptEmbeddings
-from serve_app.protocol import MAX_SEED, Image, ImageGenerationRequest, ImagesResponse
+from serve_app.protocol import (
+    MAX_SEED,
+    CompletedEvent,
+    Image,
+    ImageGenerationRequest,
+    ImagesResponse,
+    InputTokensDetails,
+    PartialImageEvent,
+    Usage,
+)
 
 
 @dataclass
@@ -26,17 +35,25 @@ class ResolvedRequest:
     """A request with every default filled in and every rule checked."""
 
     model: ModelEntry
+    rules: FamilyRules
     pipeline: PipelineConfig
-    prompt: str
+    user_prompt: str
+    prompt: str  # what the text encoder gets: after the style or backdrop template
     n: int
     width: int
     height: int
+    quality: str  # the resolved tier name
     steps: int
     guidance: float
     seeds: list[int]
     response_format: str
     output_format: str
     output_compression: int
+    background: str  # "transparent" or "opaque"
+    moderation: str
+    stream: bool = False
+    partial_images: int = 0
+    end_user: str | None = None  # safety_identifier, else user
     ignored: list[str] = field(default_factory=list)
 
     @property
@@ -44,56 +61,187 @@ class ResolvedRequest:
         return f"{self.width}x{self.height}"
 
 
-def resolve_request(req: ImageGenerationRequest, registry: ModelRegistry) -> ResolvedRequest:
-    """Apply the model's rules and defaults; raise a 400 naming the parameter on a conflict."""
-    model_id = req.model or registry.default_model
+def _pick_model(req: ImageGenerationRequest, registry: ModelRegistry) -> ModelEntry:
+    if req.model is not None:
+        model_id = req.model
+    elif any(getattr(req, p) is not None for p in GPT_IMAGE_ONLY_PARAMS):
+        model_id = registry.gpt_image_default()
+    else:
+        model_id = registry.default_model
     model = registry.model(model_id)
     if model is None:
         raise invalid_request(
             f"The model '{model_id}' does not exist or you do not have access to it.", "model", "model_not_found"
         )
-    pipeline = registry.pipelines[model.pipeline]
-    rules = FAMILIES[model.family]
+    return model
 
+
+def served_sizes(model: ModelEntry, pipeline: PipelineConfig) -> list[str]:
+    """The fixed sizes a model serves: its family's list, as far as the pipeline renders them."""
+    return [s for s in FAMILIES[model.family].sizes if s in pipeline.sizes]
+
+
+def served_qualities(model: ModelEntry, pipeline: PipelineConfig) -> list[str]:
+    rules = FAMILIES[model.family]
+    optional = [q for q in rules.optional_qualities if q in model.tiers]
+    return [*rules.qualities, *optional, "auto"]
+
+
+def _resolve_size(req: ImageGenerationRequest, model: ModelEntry, rules: FamilyRules, pipeline: PipelineConfig) -> tuple[int, int]:
     size = req.size or "auto"
     if size == "auto":
-        size = pipeline.default_size
-    if size not in pipeline.sizes:
-        raise invalid_request(
-            f"Invalid size '{size}' for model '{model.id}'. Supported sizes: {', '.join(pipeline.sizes)}.",
-            "size",
-            "invalid_size",
-        )
-    width, height = parse_size(size)
+        candidates = [model.default_size, pipeline.default_size, rules.default_size]
+        for c in candidates:
+            if c and (c in served_sizes(model, pipeline) or (rules.free_sizes and _free_size_ok(c, rules, pipeline))):
+                return parse_size(c)
+        raise invalid_request(f"Model '{model.id}' has no default size it can serve; name a size.", "size")
+    allowed = served_sizes(model, pipeline)
+    if size in allowed:
+        return parse_size(size)
+    if rules.free_sizes:
+        w, h = parse_size_or_400(size)
+        why = rules.check_free_size(w, h, pipeline.max_pixels)
+        if why is None:
+            return w, h
+        raise invalid_request(f"Invalid size '{size}' for model '{model.id}': {why}.", "size", "invalid_size")
+    raise invalid_request(
+        f"Invalid size '{size}' for model '{model.id}'. Supported sizes: {', '.join(allowed)}.", "size", "invalid_size"
+    )
 
+
+def _free_size_ok(size: str, rules: FamilyRules, pipeline: PipelineConfig) -> bool:
+    try:
+        w, h = parse_size(size)
+    except ValueError:
+        return False
+    return rules.check_free_size(w, h, pipeline.max_pixels) is None
+
+
+def parse_size_or_400(size: str) -> tuple[int, int]:
+    try:
+        return parse_size(size)
+    except ValueError as e:
+        raise invalid_request(f"Invalid size '{size}': {e}.", "size", "invalid_size") from None
+
+
+def resolve_request(req: ImageGenerationRequest, registry: ModelRegistry) -> ResolvedRequest:
+    """Apply the model family's rules and the model's config; raise a 400 naming the parameter on a conflict."""
+    model = _pick_model(req, registry)
+    rules = FAMILIES[model.family]
+    pipeline = registry.pipelines[model.pipeline]
+    given = req.model_dump(exclude_none=True)
+    ignored = rules.ignored(given)
+
+    # 1. Hard limits of the family.
+    if len(req.prompt) > rules.max_prompt_chars:
+        raise invalid_request(
+            f"The prompt is too long for model '{model.id}': {len(req.prompt)} characters, at most {rules.max_prompt_chars}.",
+            "prompt",
+            "string_above_max_length",
+        )
     n = req.n if req.n is not None else 1
+    if n > rules.max_n:
+        raise invalid_request(f"Model '{model.id}' generates at most {rules.max_n} image(s) per request; n={n}.", "n")
+    if req.output_format in ("gif", "svg"):
+        raise invalid_request(
+            f"The output format '{req.output_format}' is not supported by model '{model.id}'; use png, jpeg or webp.",
+            "output_format",
+            "unsupported_output_format",
+        )
+    ignored += [p for p in ("frame_count", "frame_duration_ms") if p in given]
+
+    # 2. Size.
+    width, height = _resolve_size(req, model, rules, pipeline)
+
+    # 3. Quality -> steps and guidance.
+    quality = req.quality if req.quality not in (None, "auto") else rules.default_quality
+    tier = model.tier(quality, pipeline) if quality in (*rules.qualities, *rules.optional_qualities) else None
+    if tier is None:
+        raise invalid_request(
+            f"Invalid quality '{quality}' for model '{model.id}'. Supported: {', '.join(served_qualities(model, pipeline))}.",
+            "quality",
+        )
+    steps, guidance = tier
+    if req.complexity is not None:
+        preset = model.complexity.get(req.complexity)
+        if preset is None:
+            ignored.append("complexity")
+        else:
+            steps = preset.steps or steps
+            guidance = preset.guidance if preset.guidance is not None else guidance
+
+    # 4. Style (dall-e-3) and background (gpt-image) shape the prompt.
+    prompt = req.prompt
+    if rules.styles:
+        preset = model.styles.get(req.style or rules.default_style or "")
+        if preset is not None:
+            prompt = preset.template.format(prompt=req.prompt)
+            guidance = preset.guidance if preset.guidance is not None else guidance
+    background = "opaque"
+    output_format, compression = "png", 100
+    if rules.uses_gpt_image_params:
+        background = model.background_auto if req.background in (None, "auto") else req.background
+        output_format = req.output_format or "png"
+        compression = req.output_compression if req.output_compression is not None else 100
+        if background == "transparent":
+            if output_format == "jpeg":
+                raise invalid_request(
+                    "A transparent background needs an output format with alpha: png or webp, not jpeg.", "background"
+                )
+            prompt = model.transparent_template.format(prompt=req.prompt)
+
+    # 5. Streaming (gpt-image only; partial_images means nothing without it).
+    stream = bool(req.stream) and rules.uses_gpt_image_params
+    partial_images = req.partial_images or 0
+    if req.partial_images is not None and not stream and "partial_images" not in ignored:
+        ignored.append("partial_images")
+
     if req.seed is not None and req.seed + n - 1 > MAX_SEED:
         raise invalid_request(f"seed + n - 1 must not exceed {MAX_SEED}.", "seed")
     first = req.seed if req.seed is not None else secrets.randbelow(2**32)
     return ResolvedRequest(
         model=model,
+        rules=rules,
         pipeline=pipeline,
-        prompt=req.prompt,
+        user_prompt=req.prompt,
+        prompt=prompt,
         n=n,
         width=width,
         height=height,
-        steps=pipeline.default_steps,
-        guidance=pipeline.default_guidance,
+        quality=quality,
+        steps=steps,
+        guidance=guidance,
         seeds=[first + i for i in range(n)],
         response_format=req.response_format or rules.default_response_format,
-        output_format=req.output_format or rules.default_output_format,
-        output_compression=req.output_compression if req.output_compression is not None else 100,
-        ignored=req.unknown_fields(),
+        output_format=output_format,
+        output_compression=compression,
+        background=background,
+        moderation=(req.moderation or "auto") if rules.uses_gpt_image_params else "auto",
+        stream=stream,
+        partial_images=partial_images if stream else 0,
+        end_user=req.safety_identifier or req.user,
+        ignored=sorted(set(ignored + req.unknown_fields())),
     )
 
 
 class Stages(Protocol):
-    """The four stage calls one request makes, whatever runs them."""
+    """The stage calls a request makes, whatever runs them."""
 
-    async def encode(self, prompt: str) -> PromptEmbeddings: ...
+    async def encode(self, prompt: str, count_prompt: str) -> PromptEmbeddings: ...
     async def denoise(self, job: DenoiseJob) -> np.ndarray: ...
+    def denoise_stream(self, job: DenoiseJob, preview_steps: list[int]) -> AsyncIterator[tuple[str, np.ndarray]]: ...
     async def decode(self, latents: np.ndarray) -> np.ndarray: ...
-    async def postprocess(self, pixels: np.ndarray, output_format: str, compression: int, response_format: str) -> dict[str, str]: ...
+    async def postprocess(self, pixels: np.ndarray, r: "PostProcessSpec") -> dict[str, str]: ...
+
+
+@dataclass(frozen=True)
+class PostProcessSpec:
+    """How the post-processor should finish one image."""
+
+    output_format: str
+    compression: int
+    response_format: str  # "b64_json" or "url"
+    transparent: bool = False
 
 
 class HandleStages:
@@ -102,17 +250,45 @@ class HandleStages:
     def __init__(self, text_encoder: Any, denoiser: Any, vae_decoder: Any, post_processor: Any):
         self._te, self._dn, self._vae, self._pp = text_encoder, denoiser, vae_decoder, post_processor
 
-    async def encode(self, prompt: str) -> PromptEmbeddings:
-        return await self._te.encode.remote(prompt)
+    async def encode(self, prompt: str, count_prompt: str) -> PromptEmbeddings:
+        return await self._te.encode.remote(prompt, count_prompt)
 
     async def denoise(self, job: DenoiseJob) -> np.ndarray:
         return await self._dn.denoise.remote(job)
 
+    async def denoise_stream(self, job: DenoiseJob, preview_steps: list[int]) -> AsyncIterator[tuple[str, np.ndarray]]:
+        async for item in self._dn.options(stream=True).denoise_stream.remote(job, preview_steps):
+            yield item
+
     async def decode(self, latents: np.ndarray) -> np.ndarray:
         return await self._vae.decode.remote(latents)
 
-    async def postprocess(self, pixels: np.ndarray, output_format: str, compression: int, response_format: str) -> dict[str, str]:
-        return await self._pp.process.remote(pixels, output_format, compression, response_format)
+    async def postprocess(self, pixels: np.ndarray, spec: PostProcessSpec) -> dict[str, str]:
+        return await self._pp.process.remote(pixels, spec)
+
+
+def preview_steps(steps: int, partial_images: int) -> list[int]:
+    """Evenly spaced steps (1-based, before the last) after which to send a preview.
+    With fewer steps than previews asked for, fewer previews are sent, as
+    OpenAI allows when the image is finished first."""
+    if partial_images <= 0 or steps <= 1:
+        return []
+    return sorted({min(steps - 1, max(1, round((i + 1) * steps / (partial_images + 1)))) for i in range(partial_images)})
+
+
+def usage_for(r: ResolvedRequest, embeddings: PromptEmbeddings, images: int) -> Usage:
+    text_tokens = embeddings.token_count
+    out = images * output_tokens(r.width, r.height, r.quality)
+    return Usage(
+        input_tokens=text_tokens,
+        input_tokens_details=InputTokensDetails(text_tokens=text_tokens, image_tokens=0),
+        output_tokens=out,
+        total_tokens=text_tokens + out,
+    )
+
+
+def _final_spec(r: ResolvedRequest) -> PostProcessSpec:
+    return PostProcessSpec(r.output_format, r.output_compression, r.response_format, r.background == "transparent")
 
 
 async def generate(
@@ -123,21 +299,53 @@ async def generate(
 ) -> ImagesResponse:
     """Run one request through the stages and assemble the OpenAI response."""
     # 1. Encode the prompt once, whatever n is.
-    embeddings = await stages.encode(r.prompt)
+    embeddings = await stages.encode(r.prompt, r.user_prompt)
     # 2. Denoise all n images as one batch, each from its own seed.
-    job = DenoiseJob(embeddings, r.seeds, r.height, r.width, r.steps, r.guidance)
-    latents = await stages.denoise(job)
+    latents = await stages.denoise(DenoiseJob(embeddings, r.seeds, r.height, r.width, r.steps, r.guidance))
     # 3. Decode the batch to pixels.
     pixels = await stages.decode(latents)
     # 4. Encode (and store) each image; images can go to different replicas.
-    outputs: list[Awaitable[dict[str, str]]] = [
-        stages.postprocess(pixels[i], r.output_format, r.output_compression, r.response_format) for i in range(r.n)
-    ]
-    encoded = await asyncio.gather(*outputs)
+    spec = _final_spec(r)
+    encoded = await asyncio.gather(*(stages.postprocess(pixels[i], spec) for i in range(r.n)))
+    revised = embeddings.encoded_prompt if r.rules.revised_prompt else None
     data = []
     for seed, out in zip(r.seeds, encoded):
         if "name" in out:
-            data.append(Image(url=url_for(out["name"]), seed=seed))
+            data.append(Image(url=url_for(out["name"]), seed=seed, revised_prompt=revised))
         else:
-            data.append(Image(b64_json=out["b64_json"], seed=seed))
-    return ImagesResponse(created=int(clock()), data=data)
+            data.append(Image(b64_json=out["b64_json"], seed=seed, revised_prompt=revised))
+    response = ImagesResponse(created=int(clock()), data=data)
+    if r.rules.response_extras:
+        response.background = r.background
+        response.output_format = r.output_format
+        response.quality = r.quality
+        response.size = r.size
+        response.usage = usage_for(r, embeddings, r.n)
+        response.safety_identifier = r.end_user
+    return response
+
+
+async def generate_stream(
+    r: ResolvedRequest, stages: Stages, clock: Callable[[], float] = time.time
+) -> AsyncIterator[PartialImageEvent | CompletedEvent]:
+    """Like :func:`generate`, as events: each image's previews as the denoiser
+    reaches them, then each image's completed event. Streamed images are
+    always base64, as in OpenAI's API."""
+    embeddings = await stages.encode(r.prompt, r.user_prompt)
+    job = DenoiseJob(embeddings, r.seeds, r.height, r.width, r.steps, r.guidance)
+    common = dict(size=r.size, quality=r.quality, background=r.background, output_format=r.output_format)
+    preview_spec = PostProcessSpec(r.output_format, r.output_compression, "b64_json", False)
+    index = 0
+    async for kind, latents in stages.denoise_stream(job, preview_steps(r.steps, r.partial_images)):
+        pixels = await stages.decode(latents)
+        if kind == "preview":
+            encoded = await asyncio.gather(*(stages.postprocess(pixels[i], preview_spec) for i in range(r.n)))
+            for out in encoded:
+                yield PartialImageEvent(b64_json=out["b64_json"], created_at=int(clock()), partial_image_index=index, **common)
+            index += 1
+        else:
+            spec = PostProcessSpec(r.output_format, r.output_compression, "b64_json", r.background == "transparent")
+            encoded = await asyncio.gather(*(stages.postprocess(pixels[i], spec) for i in range(r.n)))
+            usage = usage_for(r, embeddings, 1)
+            for out in encoded:
+                yield CompletedEvent(b64_json=out["b64_json"], created_at=int(clock()), usage=usage, **common)

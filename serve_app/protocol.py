@@ -10,13 +10,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 ResponseFormat = Literal["url", "b64_json"]
-OutputFormat = Literal["png", "jpeg", "webp"]
-Size = Literal["256x256", "512x512", "1024x1024", "1792x1024", "1024x1792", "1536x1024", "1024x1536", "auto"]
-Quality = Literal["standard", "hd", "low", "medium", "high", "auto"]
+# gif and svg are in today's SDK; they validate here and are refused by the
+# resolver with a message saying this model does not support them.
+OutputFormat = Literal["png", "jpeg", "webp", "gif", "svg"]
+Quality = Literal["standard", "hd", "low", "medium", "high", "xhigh", "max", "auto"]
 Style = Literal["vivid", "natural"]
+Background = Literal["transparent", "opaque", "auto"]
+Moderation = Literal["low", "auto"]
+Complexity = Literal["low", "medium", "high"]
+SIZE_PATTERN = r"^(auto|[1-9][0-9]{1,4}x[1-9][0-9]{1,4})$"
 
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 32000
@@ -29,16 +34,31 @@ class ImageGenerationRequest(BaseModel):
 
     prompt: StrictStr = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="Text description of the image(s).")
     model: StrictStr | None = Field(default=None, description="Model id; the configured default if absent.")
-    n: StrictInt | None = Field(default=None, ge=1, le=10, description="Number of images, 1-10.")
-    size: Size | None = Field(default=None, description="WIDTHxHEIGHT, or auto for the model's default.")
+    n: StrictInt | None = Field(default=None, ge=1, le=10, description="Number of images, 1-10 (dall-e-3: 1).")
+    size: StrictStr | None = Field(
+        default=None,
+        pattern=SIZE_PATTERN,
+        description="WIDTHxHEIGHT or auto. Fixed lists for dall-e-2/3; gpt-image also takes any WxH with sides "
+        "multiple of 16 and aspect within 1:3..3:1, up to the model's pixel limit.",
+    )
     response_format: ResponseFormat | None = Field(default=None, description="url or b64_json; default per model family.")
-    output_format: OutputFormat | None = Field(default=None, description="png (default), jpeg or webp.")
+    output_format: OutputFormat | None = Field(default=None, description="png (default), jpeg or webp (gpt-image).")
     output_compression: StrictInt | None = Field(
         default=None, ge=0, le=100, description="0-100 for jpeg and webp (higher keeps more detail); default 100."
     )
-    quality: Quality | None = Field(default=None, description="Quality tier.")
-    style: Style | None = Field(default=None, description="vivid or natural.")
+    quality: Quality | None = Field(default=None, description="Quality tier; allowed values depend on the model family.")
+    style: Style | None = Field(default=None, description="vivid or natural (dall-e-3).")
+    background: Background | None = Field(default=None, description="transparent, opaque or auto (gpt-image).")
+    moderation: Moderation | None = Field(default=None, description="auto (all categories) or low (severe only).")
+    stream: StrictBool | None = Field(default=None, description="Stream partial images as server-sent events (gpt-image).")
+    partial_images: StrictInt | None = Field(default=None, ge=0, le=3, description="Partial images to stream, 0-3.")
     user: StrictStr | None = Field(default=None, max_length=256, description="End-user id; logged only as a hash.")
+    safety_identifier: StrictStr | None = Field(
+        default=None, max_length=256, description="Stable end-user id; takes precedence over `user`."
+    )
+    complexity: Complexity | None = Field(default=None, description="Accepted; ignored unless the model maps it to a preset.")
+    frame_count: StrictInt | None = Field(default=None, ge=2, le=16, description="GIF frames (gif is not supported).")
+    frame_duration_ms: StrictInt | None = Field(default=None, ge=1, le=60000, description="GIF frame delay (gif is not supported).")
     seed: StrictInt | None = Field(
         default=None,
         ge=0,
@@ -51,30 +71,88 @@ class ImageGenerationRequest(BaseModel):
 
 
 class Image(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     b64_json: str | None = Field(default=None, description="Base64-encoded image, for response_format=b64_json.")
     url: str | None = Field(default=None, description="Signed, expiring URL of the image, for response_format=url.")
-    revised_prompt: str | None = Field(default=None, description="Prompt actually used (dall-e-3 family).")
+    revised_prompt: str | None = Field(default=None, description="Prompt actually encoded (dall-e-3 family).")
     seed: int | None = Field(default=None, description="Extension: the seed that reproduces this image.")
 
 
+class InputTokensDetails(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text_tokens: int
+    image_tokens: int
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    total_tokens: int
+
+
 class ImagesResponse(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     created: int = Field(description="Unix time the images were created.")
     data: list[Image]
+    background: Literal["transparent", "opaque"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    quality: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    size: str | None = None
+    usage: Usage | None = None
+    safety_identifier: str | None = None
+
+
+class _StreamEventBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    b64_json: str
+    created_at: int
+    size: str
+    quality: Literal["low", "medium", "high", "xhigh", "max"]
+    background: Literal["transparent", "opaque"]
+    output_format: Literal["png", "jpeg", "webp"]
+
+
+class PartialImageEvent(_StreamEventBase):
+    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+    partial_image_index: int
+
+
+class CompletedEvent(_StreamEventBase):
+    type: Literal["image_generation.completed"] = "image_generation.completed"
+    usage: Usage
 
 
 class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    # Extensions, so clients can discover what a model takes.
+    family: str | None = None
+    sizes: list[str] | None = None
+    qualities: list[str] | None = None
+    default_steps: int | None = None
 
 
 class ModelList(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     object: Literal["list"] = "list"
     data: list[Model]
 
 
 class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     message: str
     type: str
     param: str | None = None
@@ -82,4 +160,6 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     error: ErrorDetail

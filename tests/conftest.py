@@ -51,20 +51,32 @@ def app_args(tmp_path_factory, tiny_sd_dir) -> dict:
 
 class LocalHandle:
     """Stands in for a Ray DeploymentHandle: ``handle.method.remote(...)`` runs
-    the method of an in-process object in a worker thread."""
+    the method of an in-process object in a worker thread; with
+    ``.options(stream=True)`` it iterates a generator method the same way."""
 
-    def __init__(self, obj):
+    def __init__(self, obj, stream: bool = False):
         self._obj = obj
+        self._stream = stream
+
+    def options(self, stream: bool = False, **_):
+        return LocalHandle(self._obj, stream)
 
     def __getattr__(self, name):
         import asyncio
 
         method = getattr(self._obj, name)
+        stream = self._stream
+
+        async def iterate(*args, **kwargs):
+            gen = method(*args, **kwargs)
+            done = object()
+            while (item := await asyncio.to_thread(next, gen, done)) is not done:
+                yield item
 
         class _Method:
             @staticmethod
             def remote(*args, **kwargs):
-                return asyncio.to_thread(method, *args, **kwargs)
+                return iterate(*args, **kwargs) if stream else asyncio.to_thread(method, *args, **kwargs)
 
         return _Method()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 from serve_app.config import PipelineConfig, StageOptions
@@ -18,5 +20,9 @@ class Denoiser:
     def denoise(self, job: DenoiseJob) -> np.ndarray:
         return self.denoiser.denoise(job)
 
+    def denoise_stream(self, job: DenoiseJob, preview_steps: list[int]) -> Iterator[tuple[str, np.ndarray]]:
+        """Streamed to the caller (handle.options(stream=True)): previews as they happen, then the result."""
+        yield from self.denoiser.denoise_steps(job, preview_steps)
+
     def describe(self) -> dict:
-        return describe_replica(self)
+        return {**describe_replica(self), "steps_run": self.denoiser.steps_run}

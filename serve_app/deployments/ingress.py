@@ -14,12 +14,14 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serve_app.codecs import CONTENT_TYPES
 from serve_app.config import AppConfig, ModelRegistry
-from serve_app.errors import OpenAIError, install_error_handlers, request_id_of
-from serve_app.generation import HandleStages, generate, resolve_request
+from serve_app.config import resolve_path
+from serve_app.errors import OpenAIError, install_error_handlers, request_id_of, to_openai_error
+from serve_app.generation import HandleStages, generate, generate_stream, resolve_request, served_qualities, served_sizes
+from serve_app.moderation import AllowAll, Moderator, PatternModerator, moderation_blocked
 from serve_app.middleware import GuardSettings, RequestGuard
 from serve_app.protocol import ErrorResponse, ImageGenerationRequest, ImagesResponse, Model, ModelList
 from serve_app.security import API_KEYS_ENV, ApiKeys, UrlSigner, hash_for_log
@@ -58,6 +60,9 @@ class ImagesIngress:
             for name, h in pipelines.items()
         }
         self.created = int(time.time())
+        self.moderator: Moderator = (
+            PatternModerator.from_file(resolve_path(registry.moderation)) if registry.moderation else AllowAll()
+        )
         self.api_keys = ApiKeys.from_sources(os.environ.get(API_KEYS_ENV), config.api_keys_file)
         if not self.api_keys.enabled:
             logger.warning("No API key configured (%s or api_keys_file): the API is open to anyone who can reach it.", API_KEYS_ENV)
@@ -70,26 +75,58 @@ class ImagesIngress:
         expires, sig = self.signer.sign(name)
         return f"{base}/v1/images/files/{name}?expires={expires}&sig={sig}"
 
-    async def create_image(self, body: ImageGenerationRequest, request: Request) -> JSONResponse:
-        resolved = resolve_request(body, self.registry)
+    async def create_image(self, body: ImageGenerationRequest, request: Request) -> Response:
+        r = resolve_request(body, self.registry)
+        request_id = request_id_of(request)
         logger.info(
-            "request %s: model=%s n=%d size=%s prompt_chars=%d user=%s",
-            request_id_of(request),
-            resolved.model.id,
-            resolved.n,
-            resolved.size,
+            "request %s: model=%s n=%d size=%s quality=%s stream=%s prompt_chars=%d user=%s",
+            request_id,
+            r.model.id,
+            r.n,
+            r.size,
+            r.quality,
+            r.stream,
             len(body.prompt),
-            hash_for_log(body.user) if body.user else "-",
+            hash_for_log(r.end_user) if r.end_user else "-",
         )
-        if resolved.ignored:
-            logger.info("request %s: ignored unknown fields %s", request_id_of(request), resolved.ignored)
-        result = await generate(
-            resolved, self.stages[resolved.model.pipeline], lambda name: self._image_url(request, name)
-        )
-        return JSONResponse(result.model_dump(exclude_none=True))
+        # Moderation runs before any model work.
+        blocked = self.moderator.check(r.user_prompt, r.moderation)
+        if blocked is not None:
+            logger.info("request %s: prompt blocked by moderation (%s)", request_id, blocked)
+            raise moderation_blocked(blocked)
+        headers = {"x-ignored-parameters": ",".join(r.ignored)} if r.ignored else {}
+        stages = self.stages[r.model.pipeline]
+        if r.stream:
+            return StreamingResponse(self._sse(r, stages, request_id), media_type="text/event-stream", headers=headers)
+        result = await generate(r, stages, lambda name: self._image_url(request, name))
+        return JSONResponse(result.model_dump(exclude_none=True), headers=headers)
+
+    async def _sse(self, r, stages, request_id: str):
+        """Server-sent events; an error after the stream started is sent as a data event."""
+        try:
+            async for event in generate_stream(r, stages):
+                yield f"event: {event.type}\ndata: {event.model_dump_json()}\n\n"
+        except Exception as exc:  # noqa: BLE001 - the client must hear about it in-stream
+            err = to_openai_error(exc, request_id)
+            yield f"event: error\ndata: {JSONResponse(err.body()).body.decode()}\n\n"
 
     async def list_models(self) -> ModelList:
-        return ModelList(data=[Model(id=m.id, created=self.created, owned_by=m.owned_by) for m in self.registry.models])
+        data = []
+        for m in self.registry.models:
+            p = self.registry.pipelines[m.pipeline]
+            sizes = served_sizes(m, p) + (["auto"] if m.family == "gpt-image" else [])
+            data.append(
+                Model(
+                    id=m.id,
+                    created=self.created,
+                    owned_by=m.owned_by,
+                    family=m.family,
+                    sizes=sizes,
+                    qualities=served_qualities(m, p),
+                    default_steps=p.default_steps,
+                )
+            )
+        return ModelList(data=data)
 
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
@@ -128,7 +165,10 @@ def build_api(ingress: ImagesIngress) -> FastAPI:
             include_in_schema=i == 0, operation_id=None if i == 0 else f"create_image_alias_{i}",
         )
     for i, path in enumerate(("/v1/models", "/models")):
-        api.add_api_route(path, ingress.list_models, methods=["GET"], response_model=ModelList, include_in_schema=i == 0)
+        api.add_api_route(
+            path, ingress.list_models, methods=["GET"], response_model=ModelList,
+            response_model_exclude_none=True, include_in_schema=i == 0,
+        )
     for i, path in enumerate(("/health", "/v1/health")):
         api.add_api_route(path, ingress.health, methods=["GET"], include_in_schema=i == 0)
     api.add_api_route(

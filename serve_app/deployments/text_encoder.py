@@ -13,8 +13,8 @@ class TextEncoder:
         layout, device, dtype = prepare_replica(pipeline, options)
         self.encoder = PromptEncoder(layout, device, dtype)
 
-    def encode(self, prompt: str) -> PromptEmbeddings:
-        return self.encoder.encode(prompt)
+    def encode(self, prompt: str, count_prompt: str | None = None) -> PromptEmbeddings:
+        return self.encoder.encode(prompt, count_prompt=count_prompt)
 
     def describe(self) -> dict:
         return describe_replica(self)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ class LatentDenoiser:
         vae_config = json.loads((layout.root / "vae" / "config.json").read_text())
         self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
         self.latent_channels = self.unet.config.in_channels
+        self.steps_run = 0  # denoising steps done by this replica, for tests and metrics
 
     def loaded_components(self) -> list[str]:
         return ["unet", "scheduler"]
@@ -37,11 +39,45 @@ class LatentDenoiser:
         noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds]
         return torch.cat(noise).to(self.device, self.dtype)
 
-    @torch.inference_mode()
     def denoise(self, job: DenoiseJob) -> np.ndarray:
-        n = len(job.seeds)
-        emb = job.embeddings
+        for _, latents in self.denoise_steps(job, []):
+            pass
+        return latents
+
+    def denoise_steps(self, job: DenoiseJob, preview_steps: list[int]) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield ("preview", predicted clean latents) after each step listed in
+        ``preview_steps`` (1-based), then ("final", latents)."""
+        # inference_mode is per thread and a generator may be resumed on
+        # another thread, so it is entered per step, never across a yield.
         guided = job.guidance > 1.0
+        with torch.inference_mode():
+            cond, added, scheduler, latents = self._prepare(job, guided)
+        steps = set(preview_steps)
+
+        # 4. Denoising loop with classifier-free guidance.
+        for i, step_t in enumerate(scheduler.timesteps, start=1):
+            with torch.inference_mode():
+                model_in = torch.cat([latents] * 2) if guided else latents
+                model_in = scheduler.scale_model_input(model_in, step_t)
+                noise = self.unet(model_in, step_t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+                if guided:
+                    uncond, text = noise.chunk(2)
+                    noise = uncond + job.guidance * (text - uncond)
+                out = scheduler.step(noise, step_t, latents)
+                latents = out.prev_sample
+                self.steps_run += 1
+                preview = None
+                if i in steps and i < len(scheduler.timesteps):
+                    # 5. A preview is the scheduler's estimate of the clean
+                    # image at this step (the noisy latents where it gives none).
+                    x0 = getattr(out, "pred_original_sample", None)
+                    preview = (x0 if x0 is not None else latents).float().cpu().numpy()
+            if preview is not None:
+                yield "preview", preview
+        yield "final", latents.float().cpu().numpy()
+
+    def _prepare(self, job: DenoiseJob, guided: bool):
+        n, emb = len(job.seeds), job.embeddings
 
         def t(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(self.device, self.dtype).repeat_interleave(n, dim=0)
@@ -66,13 +102,4 @@ class LatentDenoiser:
         # 3. Initial noise from each image's seed.
         latents = self.initial_noise(job.seeds, job.height, job.width) * scheduler.init_noise_sigma
 
-        # 4. Denoising loop with classifier-free guidance.
-        for step_t in scheduler.timesteps:
-            model_in = torch.cat([latents] * 2) if guided else latents
-            model_in = scheduler.scale_model_input(model_in, step_t)
-            noise = self.unet(model_in, step_t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
-            if guided:
-                uncond, text = noise.chunk(2)
-                noise = uncond + job.guidance * (text - uncond)
-            latents = scheduler.step(noise, step_t, latents).prev_sample
-        return latents.float().cpu().numpy()
+        return cond, added, scheduler, latents

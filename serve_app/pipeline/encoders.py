@@ -43,14 +43,16 @@ class PromptEncoder:
         return torch.cat(hidden, dim=-1), pooled
 
     @torch.inference_mode()
-    def encode(self, prompt: str, negative_prompt: str = "") -> PromptEmbeddings:
-        # 1. Count the whole prompt's tokens and find what the window keeps.
+    def encode(self, prompt: str, negative_prompt: str = "", count_prompt: str | None = None) -> PromptEmbeddings:
+        """``count_prompt`` is the text whose tokens are reported (the user's
+        prompt, when ``prompt`` is it wrapped in a template)."""
+        # 1. Count tokens and find what the encoder's window keeps.
         tokenizer = self.encoders[0][0]
-        all_ids = tokenizer(prompt, truncation=False).input_ids
         window = tokenizer.model_max_length - 2  # minus start and end tokens
-        text_ids = all_ids[1:-1]
+        text_ids = tokenizer(prompt, truncation=False).input_ids[1:-1]
         truncated = len(text_ids) > window
         encoded_prompt = tokenizer.decode(text_ids[:window]).strip() if truncated else prompt
+        counted = text_ids if count_prompt is None else tokenizer(count_prompt, truncation=False).input_ids[1:-1]
 
         # 2. Encode the prompt, then 3. the negative prompt for guidance.
         embeds, pooled = self._embed(prompt)
@@ -68,7 +70,7 @@ class PromptEncoder:
             negative_prompt_embeds=to_np(neg_embeds),
             pooled_prompt_embeds=to_np(pooled),
             negative_pooled_prompt_embeds=to_np(neg_pooled),
-            token_count=len(text_ids),
+            token_count=len(counted),
             truncated=truncated,
             encoded_prompt=encoded_prompt,
         )

@@ -96,3 +96,28 @@ def test_layout_errors_name_the_problem(tmp_path, tiny_sd_dir):
     layout = PipelineLayout.read(tmp_path)
     with pytest.raises(ModelLayoutError, match="unet/"):
         layout.load("unet")
+
+
+def test_stream_yields_previews_then_the_same_final_latents(stages):
+    _, _, te, dn, vae = stages
+    job = DenoiseJob(te.encode("otter"), [5], 256, 256, 4, 7.5)
+    events = list(dn.denoise_stream(job, [1, 3]))
+    assert [kind for kind, _ in events] == ["preview", "preview", "final"]
+    assert np.array_equal(events[-1][1], dn.denoise(job))  # previews do not change the result
+    previews = [vae.decode(latents) for _, latents in events]
+    assert not np.array_equal(previews[0], previews[-1]) and not np.array_equal(previews[1], previews[-1])
+
+
+def test_steps_counter_counts_denoising_steps(stages):
+    _, _, te, dn, _ = stages
+    before = dn.describe()["steps_run"]
+    dn.denoise(DenoiseJob(te.encode("otter"), [1], 64, 64, 3, 7.5))
+    assert dn.describe()["steps_run"] - before == 3
+
+
+def test_token_count_of_the_user_prompt_not_the_template(stages):
+    te = stages[2]
+    plain = te.encode("otter")
+    templated = te.encode("otter, vivid colors, dramatic lighting", count_prompt="otter")
+    assert templated.token_count == plain.token_count
+    assert templated.encoded_prompt == "otter, vivid colors, dramatic lighting"
