@@ -65,7 +65,7 @@ def test_seed_reproduces_the_image(client):
 
 def test_default_response_format_follows_the_family(client):
     assert client.images.generate(model="dall-e-2", prompt="otter", size="256x256").data[0].url
-    assert client.images.generate(model="dall-e-3", prompt="otter", size="256x256").data[0].url
+    assert client.images.generate(model="dall-e-3", prompt="otter", size="1024x1024").data[0].url
     assert client.images.generate(model="gpt-image-1", prompt="otter", size="256x256").data[0].b64_json
     # no model: the configured default, dall-e-2
     assert client.images.generate(prompt="otter", size="256x256").data[0].url
