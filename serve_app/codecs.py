@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
+from isal import isal_zlib
 from PIL import Image
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -14,20 +17,21 @@ def encode_image(pixels: np.ndarray, output_format: str, compression: int = 100,
     """Encode an HxWx3 (RGB) or HxWx4 (RGBA) uint8 array.
 
     ``compression`` follows OpenAI's ``output_compression``: 0-100, higher keeps
-    more detail (it is the JPEG/WebP quality). PNG is lossless; ``png_level`` is
-    the zlib effort, 1 by default because level 6 costs ~4x the time at 1024x1024
-    for a few percent of size.
+    more detail (it is the JPEG/WebP quality). PNG is lossless; ``png_level``
+    (0-3) is the deflate effort of :func:`encode_png`.
     """
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
         raise ValueError(f"expected HxWx3 or HxWx4 uint8 pixels, got {pixels.dtype} {pixels.shape}")
+    if output_format == "png":
+        return encode_png(pixels, png_level)
     image = Image.fromarray(pixels, "RGBA" if pixels.shape[2] == 4 else "RGB")
     buf = io.BytesIO()
-    if output_format == "png":
-        image.save(buf, format="PNG", compress_level=png_level)
-    elif output_format == "jpeg":
+    if output_format == "jpeg":
         if image.mode == "RGBA":
             image = image.convert("RGB")
-        image.save(buf, format="JPEG", quality=max(1, min(compression, 95)), subsampling=2 if compression < 90 else 0)
+        # 4:2:0 chroma subsampling, as most encoders do by default: about
+        # half the time and size of 4:4:4 at the same quality.
+        image.save(buf, format="JPEG", quality=max(1, min(compression, 95)), subsampling=2)
     elif output_format == "webp":
         if compression >= 100:
             image.save(buf, format="WEBP", lossless=True, method=0)
@@ -36,3 +40,27 @@ def encode_image(pixels: np.ndarray, output_format: str, compression: int = 100,
     else:
         raise ValueError(f"unsupported output format {output_format!r}")
     return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def encode_png(pixels: np.ndarray, level: int = 1) -> bytes:
+    """A standard 8-bit RGB/RGBA PNG, written with NumPy and ISA-L's deflate.
+
+    Pillow's encoder spends most of its time in zlib (about 300 ms at 1024x1024
+    at its default level, 70 ms at level 1 on a 2-core CPU). Here every row
+    uses PNG's "Up" filter (the byte-wise difference from the row above, one
+    vectorised subtraction) and ISA-L deflates the result several times faster
+    than zlib. ``level`` is ISA-L's 0-3 (higher: smaller, slower).
+    """
+    h, w, c = pixels.shape
+    rows = np.empty((h, w * c + 1), np.uint8)
+    flat = pixels.reshape(h, w * c)
+    rows[:, 0] = 2  # filter type Up
+    rows[0, 1:] = flat[0]  # the first row's "row above" is zeros
+    np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])  # wraps modulo 256, as PNG defines
+    idat = isal_zlib.compress(rows.tobytes(), max(0, min(level, 3)))
+    header = struct.pack(">IIBBBBB", w, h, 8, 6 if c == 4 else 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")

@@ -223,6 +223,18 @@ class StageOptions(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="Where the stage runs; auto picks CUDA when the replica was given a GPU."
     )
+    max_batch_size: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Denoiser and VAE decoder: most images run as one batch. Requests that arrive together and "
+        "share size, steps and guidance are batched; 1 turns batching off.",
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.005, ge=0.0, le=10.0, description="How long a batch waits for more requests before it starts."
+    )
+    channels_last: bool = Field(default=False, description="GPU: run UNet/VAE convolutions in channels_last memory format.")
+    compile: bool = Field(default=False, description="GPU: torch.compile the UNet (denoiser) or VAE decoder on load.")
 
     def deployment_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -270,7 +282,10 @@ class AppConfig(_Strict):
     )
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body accepted (413 beyond).")
     png_compress_level: int = Field(
-        default=1, ge=0, le=9, description="zlib level for PNG output: 1 is ~4x faster than Pillow's default 6 at 1024x1024, files somewhat larger."
+        default=1,
+        ge=0,
+        le=3,
+        description="Deflate effort for PNG output (ISA-L level 0-3): higher gives smaller files and takes longer.",
     )
     stages: StagesConfig = Field(default_factory=StagesConfig, description="Deployment options per stage.")
 

@@ -63,6 +63,7 @@ class LocalHandle:
 
     def __getattr__(self, name):
         import asyncio
+        import inspect
 
         method = getattr(self._obj, name)
         stream = self._stream
@@ -76,7 +77,11 @@ class LocalHandle:
         class _Method:
             @staticmethod
             def remote(*args, **kwargs):
-                return iterate(*args, **kwargs) if stream else asyncio.to_thread(method, *args, **kwargs)
+                if stream:
+                    return iterate(*args, **kwargs)
+                if inspect.iscoroutinefunction(method):
+                    return method(*args, **kwargs)
+                return asyncio.to_thread(method, *args, **kwargs)
 
         return _Method()
 

@@ -23,6 +23,20 @@ class LatentDecoder:
     def loaded_components(self) -> list[str]:
         return ["vae"]
 
+    def decode_many(self, batch: list[np.ndarray]) -> list[np.ndarray]:
+        """Decode several latent arrays, those of one shape as one batch."""
+        results: list[np.ndarray | None] = [None] * len(batch)
+        groups: dict[tuple, list[int]] = {}
+        for i, latents in enumerate(batch):
+            groups.setdefault(latents.shape[1:], []).append(i)
+        for indices in groups.values():
+            pixels = self.decode(np.concatenate([batch[i] for i in indices]))
+            offset = 0
+            for i in indices:
+                results[i] = pixels[offset : offset + len(batch[i])]
+                offset += len(batch[i])
+        return results  # type: ignore[return-value]
+
     @torch.inference_mode()
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(n, C, h, w) float latents -> (n, H, W, 3) uint8 RGB."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Iterator
+import time
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ class LatentDenoiser:
         self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
         self.latent_channels = self.unet.config.in_channels
         self.steps_run = 0  # denoising steps done by this replica, for tests and metrics
+        self.on_step: Callable[[float], None] | None = None  # called with each step's seconds
 
     def loaded_components(self) -> list[str]:
         return ["unet", "scheduler"]
@@ -40,66 +42,90 @@ class LatentDenoiser:
         return torch.cat(noise).to(self.device, self.dtype)
 
     def denoise(self, job: DenoiseJob) -> np.ndarray:
-        for _, latents in self.denoise_steps(job, []):
-            pass
-        return latents
+        return self.denoise_many([job])[0]
+
+    def denoise_many(self, jobs: list[DenoiseJob]) -> list[np.ndarray]:
+        """Denoise several jobs, running those that share size, steps and
+        guidance as one batch. Each image still depends only on its own seed
+        (up to floating-point differences between batch sizes)."""
+        results: list[np.ndarray | None] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault((job.height, job.width, job.steps, job.guidance), []).append(i)
+        for indices in groups.values():
+            *_, (_, latents) = self._run([jobs[i] for i in indices], set())
+            offset = 0
+            for i in indices:
+                n = len(jobs[i].seeds)
+                results[i] = latents[offset : offset + n]
+                offset += n
+        return results  # type: ignore[return-value]
 
     def denoise_steps(self, job: DenoiseJob, preview_steps: list[int]) -> Iterator[tuple[str, np.ndarray]]:
         """Yield ("preview", predicted clean latents) after each step listed in
         ``preview_steps`` (1-based), then ("final", latents)."""
+        yield from self._run([job], set(preview_steps))
+
+    def _run(self, jobs: list[DenoiseJob], preview_steps: set[int]) -> Iterator[tuple[str, np.ndarray]]:
+        """The denoising loop over jobs of one size, step count and guidance, as one batch."""
         # inference_mode is per thread and a generator may be resumed on
         # another thread, so it is entered per step, never across a yield.
-        guided = job.guidance > 1.0
+        first = jobs[0]
+        guided = first.guidance > 1.0
         with torch.inference_mode():
-            cond, added, scheduler, latents = self._prepare(job, guided)
-        steps = set(preview_steps)
+            cond, added, scheduler, latents = self._prepare(jobs, guided)
 
         # 4. Denoising loop with classifier-free guidance.
         for i, step_t in enumerate(scheduler.timesteps, start=1):
             with torch.inference_mode():
+                started = time.perf_counter()
                 model_in = torch.cat([latents] * 2) if guided else latents
                 model_in = scheduler.scale_model_input(model_in, step_t)
                 noise = self.unet(model_in, step_t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
                 if guided:
                     uncond, text = noise.chunk(2)
-                    noise = uncond + job.guidance * (text - uncond)
+                    noise = uncond + first.guidance * (text - uncond)
                 out = scheduler.step(noise, step_t, latents)
                 latents = out.prev_sample
                 self.steps_run += 1
                 preview = None
-                if i in steps and i < len(scheduler.timesteps):
+                if i in preview_steps and i < len(scheduler.timesteps):
                     # 5. A preview is the scheduler's estimate of the clean
                     # image at this step (the noisy latents where it gives none).
                     x0 = getattr(out, "pred_original_sample", None)
                     preview = (x0 if x0 is not None else latents).float().cpu().numpy()
+                if self.on_step is not None:
+                    self.on_step(time.perf_counter() - started)
             if preview is not None:
                 yield "preview", preview
         yield "final", latents.float().cpu().numpy()
 
-    def _prepare(self, job: DenoiseJob, guided: bool):
-        n, emb = len(job.seeds), job.embeddings
+    def _prepare(self, jobs: list[DenoiseJob], guided: bool):
+        first = jobs[0]
 
-        def t(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).to(self.device, self.dtype).repeat_interleave(n, dim=0)
+        def per_image(field: str) -> torch.Tensor:
+            # Each job's (1, ...) embedding repeated once per image, jobs in order.
+            parts = [torch.from_numpy(getattr(j.embeddings, field)).repeat_interleave(len(j.seeds), dim=0) for j in jobs]
+            return torch.cat(parts).to(self.device, self.dtype)
 
-        # 1. Conditioning: unconditional first, then the prompt, as one batch.
-        cond = t(emb.prompt_embeds)
+        # 1. Conditioning: unconditional first, then the prompts, as one batch.
+        cond = per_image("prompt_embeds")
         added: dict[str, torch.Tensor] | None = None
         if guided:
-            cond = torch.cat([t(emb.negative_prompt_embeds), cond])
+            cond = torch.cat([per_image("negative_prompt_embeds"), cond])
         if self.layout.is_sdxl:
-            pooled = t(emb.pooled_prompt_embeds)
+            pooled = per_image("pooled_prompt_embeds")
             if guided:
-                pooled = torch.cat([t(emb.negative_pooled_prompt_embeds), pooled])
+                pooled = torch.cat([per_image("negative_pooled_prompt_embeds"), pooled])
             # original size, crop top-left, target size
-            time_ids = torch.tensor([[job.height, job.width, 0, 0, job.height, job.width]], dtype=self.dtype)
+            time_ids = torch.tensor([[first.height, first.width, 0, 0, first.height, first.width]], dtype=self.dtype)
             added = {"text_embeds": pooled, "time_ids": time_ids.to(self.device).repeat(pooled.shape[0], 1)}
 
         # 2. A scheduler of its own per call: schedulers keep per-run state.
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
-        scheduler.set_timesteps(job.steps, device=self.device)
+        scheduler.set_timesteps(first.steps, device=self.device)
 
         # 3. Initial noise from each image's seed.
-        latents = self.initial_noise(job.seeds, job.height, job.width) * scheduler.init_noise_sigma
-
+        seeds = [s for j in jobs for s in j.seeds]
+        latents = self.initial_noise(seeds, first.height, first.width) * scheduler.init_noise_sigma
         return cond, added, scheduler, latents

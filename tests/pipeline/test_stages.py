@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
@@ -22,11 +24,16 @@ def stages(request, tiny_sd_dir, tiny_sdxl_dir):
     return request.param, model_dir, TextEncoder(pipeline, opts), Denoiser(pipeline, opts), VaeDecoder(pipeline, opts)
 
 
+def sync(result):
+    """Deployment methods may be coroutines (the batched ones); run them to completion."""
+    return asyncio.run(result) if asyncio.iscoroutine(result) else result
+
+
 def run(stages, prompt="a cute baby sea otter", seeds=(1, 2), size=(256, 256), steps=2, guidance=7.5):
     _, _, te, dn, vae = stages
     emb = te.encode(prompt)
-    latents = dn.denoise(DenoiseJob(emb, list(seeds), size[1], size[0], steps, guidance))
-    return emb, latents, vae.decode(latents)
+    latents = sync(dn.denoise(DenoiseJob(emb, list(seeds), size[1], size[0], steps, guidance)))
+    return emb, latents, sync(vae.decode(latents))
 
 
 def test_shapes_and_dtypes(stages):
@@ -103,15 +110,15 @@ def test_stream_yields_previews_then_the_same_final_latents(stages):
     job = DenoiseJob(te.encode("otter"), [5], 256, 256, 4, 7.5)
     events = list(dn.denoise_stream(job, [1, 3]))
     assert [kind for kind, _ in events] == ["preview", "preview", "final"]
-    assert np.array_equal(events[-1][1], dn.denoise(job))  # previews do not change the result
-    previews = [vae.decode(latents) for _, latents in events]
+    assert np.array_equal(events[-1][1], sync(dn.denoise(job)))  # previews do not change the result
+    previews = [sync(vae.decode(latents)) for _, latents in events]
     assert not np.array_equal(previews[0], previews[-1]) and not np.array_equal(previews[1], previews[-1])
 
 
 def test_steps_counter_counts_denoising_steps(stages):
     _, _, te, dn, _ = stages
     before = dn.describe()["steps_run"]
-    dn.denoise(DenoiseJob(te.encode("otter"), [1], 64, 64, 3, 7.5))
+    sync(dn.denoise(DenoiseJob(te.encode("otter"), [1], 64, 64, 3, 7.5)))
     assert dn.describe()["steps_run"] - before == 3
 
 

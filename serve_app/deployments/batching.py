@@ -1,0 +1,97 @@
+"""Dynamic batching shared by the Denoiser and VaeDecoder deployments.
+
+Calls that arrive while a batch is forming (up to ``batch_wait_timeout_s``
+after the first, and up to ``max_batch_size`` images) run as one call of
+``compute(list_of_inputs) -> list_of_outputs``; the stage code then groups
+them by shape. A request larger than the limit runs on its own. Compute runs
+in a worker thread, so the replica's event loop keeps accepting (and
+batching) new calls meanwhile, and only one batch computes at a time.
+
+A queue of our own rather than ``@serve.batch``: Ray keeps one queue per
+decorated function per process, which two stages in one process (as in the
+tests) would share; this one belongs to its instance and needs no Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from serve_app.config import StageOptions
+from serve_app.metrics import BATCH_SIZE, QUEUE_WAIT, STAGE_SECONDS
+
+
+@dataclass
+class _Pending:
+    arrived: float
+    item: Any
+    images: int
+    future: asyncio.Future
+
+
+class BatchRunner:
+    def __init__(self, stage: str, compute: Callable[[list[Any]], list[Any]], options: StageOptions):
+        self.stage = stage
+        self.compute = compute
+        self.max_images = options.max_batch_size
+        self.wait_s = options.batch_wait_timeout_s
+        self._pending: list[_Pending] = []
+        self._arrival = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+        self._lock = asyncio.Lock()  # one batch computes at a time
+
+    async def run(self, item: Any, images: int) -> Any:
+        if self.max_images <= 1 or images >= self.max_images:
+            async with self._lock:
+                return (await self._compute([_Pending(time.monotonic(), item, images, None)]))[0]  # type: ignore[arg-type]
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(time.monotonic(), item, images, future))
+        self._arrival.set()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._loop())
+        return await future
+
+    def _queued_images(self) -> int:
+        return sum(p.images for p in self._pending)
+
+    async def _loop(self) -> None:
+        while self._pending:
+            # Wait for company until the first call has waited wait_s or the batch is full.
+            deadline = self._pending[0].arrived + self.wait_s
+            while self._queued_images() < self.max_images and (left := deadline - time.monotonic()) > 0:
+                self._arrival.clear()
+                try:
+                    await asyncio.wait_for(self._arrival.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+            batch, total = [], 0
+            while self._pending and total + self._pending[0].images <= self.max_images:
+                p = self._pending.pop(0)
+                total += p.images
+                if not p.future.cancelled():  # its client went away
+                    batch.append(p)
+            if not batch:
+                continue
+            async with self._lock:
+                try:
+                    results = await self._compute(batch)
+                except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(exc)
+                    continue
+            for p, result in zip(batch, results):
+                if not p.future.done():
+                    p.future.set_result(result)
+
+    async def _compute(self, batch: list[_Pending]) -> list[Any]:
+        started = time.monotonic()
+        tags = {"stage": self.stage}
+        for p in batch:
+            QUEUE_WAIT.observe(started - p.arrived, tags=tags)
+        BATCH_SIZE.observe(sum(p.images for p in batch), tags=tags)
+        results = await asyncio.to_thread(self.compute, [p.item for p in batch])
+        STAGE_SECONDS.observe(time.monotonic() - started, tags=tags)
+        return results
