@@ -15,6 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from serve_app.metrics import ERRORS
+
 logger = logging.getLogger("serve_app")
 
 # OpenAI's error `type` for each status it uses.
@@ -58,6 +60,8 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
+        """The HTTP response; every error response is made here, so it is also counted here."""
+        ERRORS.inc(tags={"type": self.type, "status": str(self.status)})
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 

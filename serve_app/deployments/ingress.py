@@ -21,6 +21,7 @@ from serve_app.config import AppConfig, ModelRegistry
 from serve_app.config import resolve_path
 from serve_app.errors import OpenAIError, install_error_handlers, request_id_of, to_openai_error
 from serve_app.generation import HandleStages, generate, generate_stream, resolve_request, served_qualities, served_sizes
+from serve_app.metrics import IMAGES
 from serve_app.moderation import AllowAll, Moderator, PatternModerator, moderation_blocked
 from serve_app.middleware import GuardSettings, RequestGuard
 from serve_app.protocol import ErrorResponse, ImageGenerationRequest, ImagesResponse, Model, ModelList
@@ -99,12 +100,15 @@ class ImagesIngress:
         if r.stream:
             return StreamingResponse(self._sse(r, stages, request_id), media_type="text/event-stream", headers=headers)
         result = await generate(r, stages, lambda name: self._image_url(request, name))
+        IMAGES.inc(r.n, tags={"model": r.model.id, "output_format": r.output_format})
         return JSONResponse(result.model_dump(exclude_none=True), headers=headers)
 
     async def _sse(self, r, stages, request_id: str):
         """Server-sent events; an error after the stream started is sent as a data event."""
         try:
             async for event in generate_stream(r, stages):
+                if event.type == "image_generation.completed":
+                    IMAGES.inc(1, tags={"model": r.model.id, "output_format": r.output_format})
                 yield f"event: {event.type}\ndata: {event.model_dump_json()}\n\n"
         except Exception as exc:  # noqa: BLE001 - the client must hear about it in-stream
             err = to_openai_error(exc, request_id)
