@@ -7,6 +7,7 @@ handles wrapped as :class:`Stages`; tests pass stage objects run in-process.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -15,10 +16,13 @@ from typing import Any, Awaitable, Callable, Protocol
 import numpy as np
 
 from serve_app.config import ModelEntry, ModelRegistry, PipelineConfig, parse_size
-from serve_app.errors import invalid_request
+from serve_app.errors import invalid_request, storage_unavailable
 from serve_app.families import FAMILIES
 from serve_app.pipeline.types import DenoiseJob, PromptEmbeddings
 from serve_app.protocol import MAX_SEED, Image, ImageGenerationRequest, ImagesResponse
+from serve_app.storage import StorageError
+
+logger = logging.getLogger("serve_app")
 
 
 @dataclass
@@ -88,12 +92,14 @@ def resolve_request(req: ImageGenerationRequest, registry: ModelRegistry) -> Res
 
 
 class Stages(Protocol):
-    """The four stage calls one request makes, whatever runs them."""
+    """The stage calls one request makes, whatever runs them."""
 
     async def encode(self, prompt: str) -> PromptEmbeddings: ...
     async def denoise(self, job: DenoiseJob) -> np.ndarray: ...
     async def decode(self, latents: np.ndarray) -> np.ndarray: ...
     async def postprocess(self, pixels: np.ndarray, output_format: str, compression: int, response_format: str) -> dict[str, str]: ...
+    async def discard(self, names: list[str]) -> None: ...
+    async def problem(self) -> str | None: ...
 
 
 class HandleStages:
@@ -114,6 +120,14 @@ class HandleStages:
     async def postprocess(self, pixels: np.ndarray, output_format: str, compression: int, response_format: str) -> dict[str, str]:
         return await self._pp.process.remote(pixels, output_format, compression, response_format)
 
+    async def discard(self, names: list[str]) -> None:
+        await self._pp.discard.remote(names)
+
+    async def problem(self) -> str | None:
+        """Why this pipeline's model stages cannot serve, or None."""
+        problems = await asyncio.gather(self._te.problem.remote(), self._dn.problem.remote(), self._vae.problem.remote())
+        return next((p for p in problems if p), None)
+
 
 async def generate(
     r: ResolvedRequest,
@@ -133,7 +147,21 @@ async def generate(
     outputs: list[Awaitable[dict[str, str]]] = [
         stages.postprocess(pixels[i], r.output_format, r.output_compression, r.response_format) for i in range(r.n)
     ]
-    encoded = await asyncio.gather(*outputs)
+    encoded = await asyncio.gather(*outputs, return_exceptions=True)
+    failures = [e for e in encoded if isinstance(e, BaseException)]
+    if failures:
+        # All or nothing: remove the images that were stored before failing.
+        stored = [out["name"] for out in encoded if isinstance(out, dict) and "name" in out]
+        if stored:
+            try:
+                await stages.discard(stored)
+            except Exception:  # noqa: BLE001 - the sweeper or a lifecycle rule removes them later
+                logger.exception("could not discard %d stored images of a failed request", len(stored))
+        storage_failures = [e for e in failures if isinstance(e, StorageError)]
+        if storage_failures:
+            logger.error("storing images failed: %s", storage_failures[0])
+            raise storage_unavailable() from storage_failures[0]
+        raise failures[0]
     data = []
     for seed, out in zip(r.seeds, encoded):
         if "name" in out:

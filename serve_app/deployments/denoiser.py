@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from serve_app.config import PipelineConfig, StageOptions
-from serve_app.deployments.replica import describe_replica, prepare_replica
+from serve_app.deployments.replica import ModelStage
+from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.denoise import LatentDenoiser
 from serve_app.pipeline.types import DenoiseJob
 
 
-class Denoiser:
-    def __init__(self, pipeline: PipelineConfig, options: StageOptions):
-        layout, device, dtype = prepare_replica(pipeline, options)
+class Denoiser(ModelStage):
+    files = LatentDenoiser.SOURCE_FILES
+
+    def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
         self.denoiser = LatentDenoiser(layout, device, dtype)
 
     def denoise(self, job: DenoiseJob) -> np.ndarray:
+        self.ready()
         return self.denoiser.denoise(job)
-
-    def describe(self) -> dict:
-        return describe_replica(self)

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from serve_app.config import PipelineConfig, StageOptions
-from serve_app.deployments.replica import describe_replica, prepare_replica
+from serve_app.deployments.replica import ModelStage
+from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.decoders import LatentDecoder
 
 
-class VaeDecoder:
-    def __init__(self, pipeline: PipelineConfig, options: StageOptions):
-        layout, device, dtype = prepare_replica(pipeline, options)
+class VaeDecoder(ModelStage):
+    files = LatentDecoder.SOURCE_FILES
+
+    def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
         self.decoder = LatentDecoder(layout, device, dtype)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
+        self.ready()
         return self.decoder.decode(latents)
-
-    def describe(self) -> dict:
-        return describe_replica(self)
