@@ -83,11 +83,16 @@ class PresignedUrlCheck:
 
 class S3Endpoint:
     """moto's S3 server (the WSGI app and request handler its ThreadedMotoServer runs)
-    on 127.0.0.1 at a free port, behind :class:`PresignedUrlCheck`. Counts requests by path."""
+    on 127.0.0.1 at a free port, behind :class:`PresignedUrlCheck`. Records requests by method and path."""
 
     def __init__(self):
         self.requests: list[tuple[str, str]] = []
-        checked = PresignedUrlCheck(DomainDispatcherApplication(create_backend_app), {ACCESS_KEY: SECRET_KEY})
+        self.clock_offset_s = 0.0  # moves the endpoint's clock, to expire presigned URLs without waiting
+        checked = PresignedUrlCheck(
+            DomainDispatcherApplication(create_backend_app),
+            {ACCESS_KEY: SECRET_KEY},
+            clock=lambda: time.time() + self.clock_offset_s,
+        )
 
         def app(environ, start_response):
             self.requests.append((environ["REQUEST_METHOD"], environ["PATH_INFO"]))
