@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 
@@ -126,3 +127,17 @@ def test_s3_sweep_keeps_fresh_and_foreign_objects(s3_endpoint, s3_bucket):
     assert store.delete_older_than(time.time() - 60) == []
     assert store.delete_older_than(time.time() + 60) == [name]
     assert s3_endpoint.keys(s3_bucket, "swept/") == ["swept/README.txt"]
+
+
+def test_readme_lifecycle_rule_is_accepted_by_s3(s3_endpoint):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rules = json.loads(readme.split("`lifecycle.json`:\n\n```json\n", 1)[1].split("```", 1)[0])
+    assert "image_store: s3://my-bucket/generated" in readme  # the rule's prefix is the example store's
+    client = s3_endpoint.client()
+    client.create_bucket(Bucket="lifecycle")
+    client.put_bucket_lifecycle_configuration(Bucket="lifecycle", LifecycleConfiguration=rules)
+    (rule,) = client.get_bucket_lifecycle_configuration(Bucket="lifecycle")["Rules"]
+    assert rule["Status"] == "Enabled" and rule["Expiration"] == {"Days": 1}
+    assert rule["Filter"] == {"Prefix": "generated/"}
