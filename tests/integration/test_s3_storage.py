@@ -191,3 +191,8 @@ def test_unreadable_model_is_hidden_and_refused_while_the_others_serve(s3_app, s
     assert resp.json()["error"]["param"] == "model"
     assert "s3://" not in resp.text and "unet" not in resp.text  # the cause stays in the server log
     assert s3_client.images.generate(model="gpt-image-1", prompt="otter").data[0].b64_json
+
+
+def test_public_routes_stay_public_under_a_route_prefix(s3_app):
+    assert httpx.get(f"{s3_app.url}/health").json() == {"status": "ok"}  # no key needed
+    assert httpx.get(f"{s3_app.url}/v1/models").status_code == 401  # a key is needed
