@@ -7,7 +7,8 @@ prove that a tampered or expired URL is refused, so :class:`PresignedUrlCheck`
 sits in front of moto's WSGI app and checks anonymous SigV4 query-signed
 requests the way S3 does, with botocore's own SigV4 code and the known test
 credentials. It refuses SigV2 presigned URLs outright, so the service must
-presign with SigV4. Everything else reaches moto unchanged.
+presign with SigV4, and refuses SDK requests whose access key id it does not
+know (without checking their signature). Everything else reaches moto unchanged.
 """
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ class PresignedUrlCheck:
 
     def __call__(self, environ, start_response):
         query = dict(parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True))
-        if "HTTP_AUTHORIZATION" not in environ:
+        authorization = environ.get("HTTP_AUTHORIZATION")
+        if authorization:
+            # moto accepts any access key; S3 refuses unknown ones (the header's signature is not checked here).
+            key = authorization.partition("Credential=")[2].partition("/")[0]
+            if key not in self.secrets:
+                return _error(start_response, "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records.")
+        else:
             if "Signature" in query:
                 return _error(start_response, "AccessDenied", "SigV2 presigned URLs are not accepted")
             if "X-Amz-Signature" in query:

@@ -81,7 +81,7 @@ def _wanted(path: str, files: SourceFiles) -> bool:
 def _check_complete(source: str, files: SourceFiles, present: list[str]) -> None:
     missing = [p for p in files.patterns if not any(fnmatch.fnmatchcase(f, p) for f in present)]
     if missing:
-        raise ModelSourceError(f"{source}: missing {', '.join(missing)} (needed by the {files.name} stage)")
+        raise ModelSourceError(f"{source}: missing {', '.join(missing)}")
 
 
 def _relative_files(root: Path) -> list[str]:

@@ -115,13 +115,16 @@ def test_a_failed_download_is_never_used_and_is_cleaned_up(s3_endpoint, s3_model
 @pytest.mark.parametrize(
     "source, message",
     [
-        ("s3://models/partial", r"^s3://models/partial: missing unet/\* \(needed by the denoiser stage\)"),
+        ("s3://models/partial", r"^s3://models/partial: missing unet/\*$"),
         ("s3://no-such-bucket/sdxl", r"^s3://no-such-bucket/sdxl: "),
         ("s3://models/nothing-here", r"^s3://models/nothing-here: no files there"),
+        ("s3://models/wrong-key", r"^s3://models/wrong-key: cannot be read \(PermissionError"),
     ],
 )
 def test_unreadable_sources_name_the_source_and_the_missing_part(s3_endpoint, s3_models, tmp_path, source, message):
     pipeline = PipelineConfig(source=source, storage_options=s3_endpoint.storage_options)
+    if source == "s3://models/wrong-key":
+        pipeline.storage_options["key"] = "AKIAWRONGKEY00000000"
     with pytest.raises(ModelSourceError, match=message):
         fetch_source(pipeline, LatentDenoiser.SOURCE_FILES, tmp_path)
     # Nothing, complete or half-made, is left to load.
