@@ -148,24 +148,32 @@ async def generate(
         stages.postprocess(pixels[i], r.output_format, r.output_compression, r.response_format) for i in range(r.n)
     ]
     encoded = await asyncio.gather(*outputs, return_exceptions=True)
+    # All or nothing: if any image fails, or its URL cannot be made, the
+    # images already stored for this request are removed again.
+    stored = [out["name"] for out in encoded if isinstance(out, dict) and "name" in out]
     failures = [e for e in encoded if isinstance(e, BaseException)]
     if failures:
-        # All or nothing: remove the images that were stored before failing.
-        stored = [out["name"] for out in encoded if isinstance(out, dict) and "name" in out]
-        if stored:
-            try:
-                await stages.discard(stored)
-            except Exception:  # noqa: BLE001 - the sweeper or a lifecycle rule removes them later
-                logger.exception("could not discard %d stored images of a failed request", len(stored))
+        await _discard(stages, stored)
         storage_failures = [e for e in failures if isinstance(e, StorageError)]
         if storage_failures:
             logger.error("storing images failed: %s", storage_failures[0])
             raise storage_unavailable() from storage_failures[0]
         raise failures[0]
-    data = []
-    for seed, out in zip(r.seeds, encoded):
-        if "name" in out:
-            data.append(Image(url=url_for(out["name"]), seed=seed))
-        else:
-            data.append(Image(b64_json=out["b64_json"], seed=seed))
+    try:
+        data = [
+            Image(url=url_for(out["name"]), seed=seed) if "name" in out else Image(b64_json=out["b64_json"], seed=seed)
+            for seed, out in zip(r.seeds, encoded)
+        ]
+    except Exception:
+        await _discard(stages, stored)
+        raise
     return ImagesResponse(created=int(clock()), data=data)
+
+
+async def _discard(stages: Stages, names: list[str]) -> None:
+    if not names:
+        return
+    try:
+        await stages.discard(names)
+    except Exception:  # noqa: BLE001 - the sweeper or a lifecycle rule removes them later
+        logger.exception("could not discard %d stored images of a failed request", len(names))

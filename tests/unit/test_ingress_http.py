@@ -191,3 +191,16 @@ def test_one_failed_write_is_503_and_leaves_no_image_behind(local_stages, s3_end
     assert err["type"] == "server_error" and int(resp.headers["retry-after"]) > 0
     assert next(calls) == 3  # all three writes were attempted, two of them stored
     assert s3_endpoint.keys("flaky") == []
+
+
+def test_images_are_removed_when_their_urls_cannot_be_made(ingress_client, monkeypatch):
+    store = ingress_client.instance.store
+    before = set(store.fs.ls(store.root, detail=False))
+
+    def no_url(name, ttl_s):
+        raise RuntimeError("cannot presign")
+
+    monkeypatch.setattr(store, "url_for", no_url)
+    resp = ingress_client.post(GEN, json={"prompt": "otter", "n": 2, "size": "256x256", "response_format": "url"})
+    assert_error(resp, 500)
+    assert set(store.fs.ls(store.root, detail=False)) == before
