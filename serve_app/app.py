@@ -3,7 +3,8 @@
 Deployment classes are plain classes; this is the one place that turns them
 into Ray Serve deployments, with options from the validated config, and binds
 the graph: per pipeline a TextEncoder, a Denoiser and a VaeDecoder; one
-PostProcessor; one ImagesIngress in front.
+PostProcessor; one ImageSweeper when the image store is swept; one
+ImagesIngress in front.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from serve_app.config import load_app_config
 from serve_app.deployments.denoiser import Denoiser
 from serve_app.deployments.ingress import ImagesIngress
 from serve_app.deployments.post_processor import PostProcessor
+from serve_app.deployments.sweeper import ImageSweeper
 from serve_app.deployments.text_encoder import TextEncoder
 from serve_app.deployments.vae_decoder import VaeDecoder
 from serve_app.security import resolve_signing_key
@@ -29,11 +31,12 @@ def deployment_name(stage: str, pipeline: str) -> str:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config, registry = load_app_config(args)
     stages = config.stages
+    model_cache = str(config.model_cache_path)
     pipelines: dict[str, dict[str, Application]] = {}
     for name, pipeline in registry.pipelines.items():
         pipelines[name] = {
             key: serve.deployment(cls, name=deployment_name(cls.__name__, name), **opts.deployment_options()).bind(
-                pipeline, opts
+                pipeline, opts, model_cache
             )
             for key, cls, opts in (
                 ("text_encoder", TextEncoder, stages.text_encoder),
@@ -43,11 +46,18 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         }
     post_processor = serve.deployment(
         PostProcessor, name="PostProcessor", **stages.post_processor.deployment_options()
-    ).bind(config.image_store_url, config.png_compress_level)
+    ).bind(config)
+    # Exactly one replica, so that no two sweepers race over the same objects;
+    # it mostly sleeps, so it asks for no CPU.
+    sweeper = (
+        serve.deployment(ImageSweeper, name="ImageSweeper", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(config)
+        if config.sweeps_image_store
+        else None
+    )
     # Generated once here, not per replica, so every ingress replica accepts
     # every other one's URLs.
     signing_key = resolve_signing_key(config.url_signing_key)
     ingress = serve.deployment(
         serve.ingress()(ImagesIngress), name="ImagesIngress", **stages.ingress.deployment_options()
     )
-    return ingress.bind(config, registry, signing_key, pipelines, post_processor)
+    return ingress.bind(config, registry, signing_key, pipelines, post_processor, sweeper)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from fsspec.utils import get_protocol
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.families import FAMILIES
@@ -36,11 +37,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# A Hugging Face model id: owner/name, nothing more.
+_HF_MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+
+
 class PipelineConfig(_Strict):
     source: str = Field(
-        description="Directory holding the pipeline in the standard diffusers layout "
-        "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/). "
-        "Relative paths are relative to the project root."
+        description="Where the pipeline is, in the standard diffusers layout (model_index.json, unet/, vae/, "
+        "text_encoder/, tokenizer/, scheduler/): a local directory (relative paths are relative to the "
+        "project root), any fsspec URL such as s3://bucket/models/sdxl-base/ (downloaded once per node into "
+        "model_cache_dir, each stage fetching only its own subfolders), or a Hugging Face model id "
+        "owner/name (needs internet). A relative path that does not exist and looks like owner/name is "
+        "taken as a Hugging Face id; write ./owner/name for a local folder."
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="For an fsspec URL source: options of its filesystem, e.g. for s3:// {endpoint_url, key, "
+        "secret, client_kwargs: {region_name}}; what is left out comes from the standard AWS environment "
+        "variables and files. For a Hugging Face id: keyword arguments of huggingface_hub.snapshot_download "
+        "(revision, token, ...).",
     )
     builtin: Literal["tiny-sd", "tiny-sdxl"] | None = Field(
         default=None,
@@ -77,10 +92,26 @@ class PipelineConfig(_Strict):
         parse_size(self.default_size)
         if self.default_size not in self.sizes:
             raise ValueError(f"default_size {self.default_size} is not in sizes")
+        if self.builtin and self.source_kind != "local":
+            raise ValueError(f"builtin models are built in a local directory; source {self.source!r} is not one")
         return self
 
     @property
+    def source_kind(self) -> Literal["local", "url", "huggingface"]:
+        """How `source` is read: a local directory, an fsspec URL, or a Hugging Face model id."""
+        if self.source.startswith("file://"):
+            return "local"
+        if "://" in self.source:
+            return "url"
+        if self.builtin or self.source.startswith(("/", ".", "~")) or resolve_path(self.source).exists():
+            return "local"
+        return "huggingface" if _HF_MODEL_ID_RE.match(self.source) else "local"
+
+    @property
     def path(self) -> Path:
+        """The directory of a local source."""
+        if self.source.startswith("file://"):
+            return Path(self.source[len("file://") :])
         return resolve_path(self.source)
 
 
@@ -266,9 +297,37 @@ class AppConfig(_Strict):
     models: str = Field(default="configs/models.yaml", description="Path of the model registry YAML.")
     data_dir: str = Field(default="data", description="Where generated images (and the embedded model) are kept.")
     image_store: str | None = Field(
-        default=None, description="fsspec URL where generated images are stored; default file://<data_dir>/images."
+        default=None,
+        description="fsspec URL where generated images are stored: file://... (default file://<data_dir>/images), "
+        "s3://bucket/prefix (URLs are then presigned S3 GETs), or any fsspec protocol whose package is installed.",
     )
-    url_ttl_s: int = Field(default=3600, ge=1, description="Lifetime of image URLs in seconds (OpenAI: 60 minutes).")
+    image_store_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options of image_store's filesystem, e.g. for s3:// {endpoint_url, key, secret, "
+        "client_kwargs: {region_name}} (MinIO, R2 and other S3-compatible stores need endpoint_url); what is "
+        "left out comes from the standard AWS environment variables and files.",
+    )
+    url_ttl_s: int = Field(
+        default=3600,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="Lifetime of image URLs in seconds (OpenAI: 60 minutes; S3 presigned URLs allow at most 7 days).",
+    )
+    sweep_interval_s: int = Field(
+        default=600,
+        ge=0,
+        description="Seconds between sweeps that delete stored images whose URLs have expired; 0 turns the sweeper off.",
+    )
+    sweep_remote_store: bool = Field(
+        default=False,
+        description="Also sweep an image_store that is not a local folder (e.g. S3) by listing it. Off by default: "
+        "an S3 lifecycle rule (README) does the same server-side without listing the bucket.",
+    )
+    model_cache_dir: str | None = Field(
+        default=None,
+        description="Where remote model sources (fsspec URLs, Hugging Face ids) are downloaded on each node; "
+        "default <data_dir>/model-cache.",
+    )
     url_signing_key: str | None = Field(
         default=None,
         description="HMAC key for image URLs. Env IMAGES_URL_SIGNING_KEY wins; if neither is set a random "
@@ -296,6 +355,15 @@ class AppConfig(_Strict):
     @property
     def image_store_url(self) -> str:
         return self.image_store or (self.data_path / "images").as_uri()
+
+    @property
+    def model_cache_path(self) -> Path:
+        return resolve_path(self.model_cache_dir) if self.model_cache_dir else self.data_path / "model-cache"
+
+    @property
+    def sweeps_image_store(self) -> bool:
+        local = get_protocol(self.image_store_url) in ("file", "local")
+        return self.sweep_interval_s > 0 and (local or self.sweep_remote_store)
 
 
 def load_registry(path: str | os.PathLike) -> ModelRegistry:

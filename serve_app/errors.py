@@ -69,6 +69,31 @@ def invalid_request(message: str, param: str | None, code: str | None = None) ->
     return OpenAIError(400, message, param=param, code=code)
 
 
+# How long a client should wait before retrying after a storage failure.
+STORAGE_RETRY_AFTER_S = 10
+
+
+def storage_unavailable() -> OpenAIError:
+    return OpenAIError(
+        503,
+        "The image store is unavailable, so no image was kept. Retry the request later, "
+        "or ask for response_format=b64_json.",
+        code="storage_unavailable",
+        headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)},
+    )
+
+
+def model_unavailable(model_id: str) -> OpenAIError:
+    # The cause (a source URL, a bucket, a path) stays in the server log.
+    return OpenAIError(
+        503,
+        f"The model '{model_id}' is unavailable: its weights could not be loaded. "
+        "Use another model from /v1/models; the server log says what is wrong.",
+        param="model",
+        code="model_unavailable",
+    )
+
+
 def request_id_of(request: Request) -> str:
     return getattr(request.state, "request_id", None) or request.headers.get("x-request-id", "")
 

@@ -7,6 +7,7 @@ handles wrapped as :class:`Stages`; tests pass stage objects run in-process.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any, AsyncIterator, Callable, Protocol
 import numpy as np
 
 from serve_app.config import ModelEntry, ModelRegistry, PipelineConfig, parse_size
-from serve_app.errors import invalid_request
+from serve_app.errors import invalid_request, storage_unavailable
 from serve_app.families import FAMILIES, GPT_IMAGE_ONLY_PARAMS, FamilyRules, output_tokens
 from serve_app.pipeline.types import DenoiseJob, PromptEmbeddings
 from serve_app.protocol import (
@@ -28,6 +29,9 @@ from serve_app.protocol import (
     PartialImageEvent,
     Usage,
 )
+from serve_app.storage import StorageError
+
+logger = logging.getLogger("serve_app")
 
 
 @dataclass
@@ -231,7 +235,9 @@ class Stages(Protocol):
     async def denoise(self, job: DenoiseJob) -> np.ndarray: ...
     def denoise_stream(self, job: DenoiseJob, preview_steps: list[int]) -> AsyncIterator[tuple[str, np.ndarray]]: ...
     async def decode(self, latents: np.ndarray) -> np.ndarray: ...
-    async def postprocess(self, pixels: np.ndarray, r: "PostProcessSpec") -> dict[str, str]: ...
+    async def postprocess(self, pixels: np.ndarray, spec: "PostProcessSpec") -> dict[str, str]: ...
+    async def discard(self, names: list[str]) -> None: ...
+    async def problem(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -266,6 +272,14 @@ class HandleStages:
     async def postprocess(self, pixels: np.ndarray, spec: PostProcessSpec) -> dict[str, str]:
         return await self._pp.process.remote(pixels, spec)
 
+    async def discard(self, names: list[str]) -> None:
+        await self._pp.discard.remote(names)
+
+    async def problem(self) -> str | None:
+        """Why this pipeline's model stages cannot serve, or None."""
+        problems = await asyncio.gather(self._te.problem.remote(), self._dn.problem.remote(), self._vae.problem.remote())
+        return next((p for p in problems if p), None)
+
 
 def preview_steps(steps: int, partial_images: int) -> list[int]:
     """Evenly spaced steps (1-based, before the last) after which to send a preview.
@@ -291,6 +305,7 @@ def _final_spec(r: ResolvedRequest) -> PostProcessSpec:
     return PostProcessSpec(r.output_format, r.output_compression, r.response_format, r.background == "transparent")
 
 
+
 async def generate(
     r: ResolvedRequest,
     stages: Stages,
@@ -306,14 +321,29 @@ async def generate(
     pixels = await stages.decode(latents)
     # 4. Encode (and store) each image; images can go to different replicas.
     spec = _final_spec(r)
-    encoded = await asyncio.gather(*(stages.postprocess(pixels[i], spec) for i in range(r.n)))
+    encoded = await asyncio.gather(*(stages.postprocess(pixels[i], spec) for i in range(r.n)), return_exceptions=True)
+    # All or nothing: if any image fails, or its URL cannot be made, the
+    # images already stored for this request are removed again.
+    stored = [out["name"] for out in encoded if isinstance(out, dict) and "name" in out]
+    failures = [e for e in encoded if isinstance(e, BaseException)]
+    if failures:
+        await _discard(stages, stored)
+        storage_failures = [e for e in failures if isinstance(e, StorageError)]
+        if storage_failures:
+            logger.error("storing images failed: %s", storage_failures[0])
+            raise storage_unavailable() from storage_failures[0]
+        raise failures[0]
     revised = embeddings.encoded_prompt if r.rules.revised_prompt else None
-    data = []
-    for seed, out in zip(r.seeds, encoded):
-        if "name" in out:
-            data.append(Image(url=url_for(out["name"]), seed=seed, revised_prompt=revised))
-        else:
-            data.append(Image(b64_json=out["b64_json"], seed=seed, revised_prompt=revised))
+    try:
+        data = [
+            Image(url=url_for(out["name"]), seed=seed, revised_prompt=revised)
+            if "name" in out
+            else Image(b64_json=out["b64_json"], seed=seed, revised_prompt=revised)
+            for seed, out in zip(r.seeds, encoded)
+        ]
+    except Exception:
+        await _discard(stages, stored)
+        raise
     response = ImagesResponse(created=int(clock()), data=data)
     if r.rules.response_extras:
         response.background = r.background
@@ -323,6 +353,15 @@ async def generate(
         response.usage = usage_for(r, embeddings, r.n)
         response.safety_identifier = r.end_user
     return response
+
+
+async def _discard(stages: Stages, names: list[str]) -> None:
+    if not names:
+        return
+    try:
+        await stages.discard(names)
+    except Exception:  # noqa: BLE001 - the sweeper or a lifecycle rule removes them later
+        logger.exception("could not discard %d stored images of a failed request", len(names))
 
 
 async def generate_stream(

@@ -58,7 +58,12 @@ class RequestGuard:
                 message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]
             await send(message)
 
-        error = self._check(scope["path"], headers)
+        # Under a route prefix Serve puts the prefix in root_path and leaves it in path.
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        error = self._check(path, headers)
         if error is not None:
             await error.response()(scope, receive, send_with_id)
             return

@@ -34,6 +34,26 @@ def write_registry(path: Path, model_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 at a free port, for the whole session (tests/s3.py)."""
+    from tests.s3 import S3Endpoint
+
+    endpoint = S3Endpoint()
+    yield endpoint
+    endpoint.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_models(s3_endpoint, tiny_sd_dir) -> str:
+    """The tiny model uploaded whole to s3://models/tiny-sd, and without its
+    UNet to s3://models/partial; returns the bucket's URL."""
+    s3_endpoint.client().create_bucket(Bucket="models")
+    s3_endpoint.upload_dir(tiny_sd_dir, "models", "tiny-sd")
+    s3_endpoint.upload_dir(tiny_sd_dir, "models", "partial", skip=("unet/",))
+    return "s3://models"
+
+
+@pytest.fixture(scope="session")
 def app_args(tmp_path_factory, tiny_sd_dir) -> dict:
     """Application args for the service under test: the shipped registry on the
     session's tiny model, an API key file, a known signing key, a temp data dir."""
@@ -96,15 +116,16 @@ def local_stages(app_args):
     from serve_app.deployments.vae_decoder import VaeDecoder
 
     config, registry = load_app_config(app_args)
+    cache = str(config.model_cache_path)
     pipelines = {
         name: {
-            "text_encoder": LocalHandle(TextEncoder(p, config.stages.text_encoder)),
-            "denoiser": LocalHandle(Denoiser(p, config.stages.denoiser)),
-            "vae_decoder": LocalHandle(VaeDecoder(p, config.stages.vae_decoder)),
+            "text_encoder": LocalHandle(TextEncoder(p, config.stages.text_encoder, cache)),
+            "denoiser": LocalHandle(Denoiser(p, config.stages.denoiser, cache)),
+            "vae_decoder": LocalHandle(VaeDecoder(p, config.stages.vae_decoder, cache)),
         }
         for name, p in registry.pipelines.items()
     }
-    post = LocalHandle(PostProcessor(config.image_store_url, config.png_compress_level))
+    post = LocalHandle(PostProcessor(config))
     return config, registry, pipelines, post
 
 

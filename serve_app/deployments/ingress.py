@@ -8,6 +8,7 @@ mapper in ``serve_app.errors``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from serve_app.codecs import CONTENT_TYPES
 from serve_app.config import AppConfig, ModelRegistry
 from serve_app.config import resolve_path
-from serve_app.errors import OpenAIError, install_error_handlers, request_id_of, to_openai_error
+from serve_app.errors import OpenAIError, install_error_handlers, model_unavailable, request_id_of, to_openai_error
 from serve_app.generation import HandleStages, generate, generate_stream, resolve_request, served_qualities, served_sizes
 from serve_app.metrics import IMAGES
 from serve_app.moderation import AllowAll, Moderator, PatternModerator, moderation_blocked
@@ -33,6 +34,9 @@ logger = logging.getLogger("serve_app")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 500, 503)
 }
+
+# How long the ingress trusts its stages' answer to "can you serve?".
+HEALTH_TTL_S = 30.0
 
 
 class ImagesIngress:
@@ -51,15 +55,19 @@ class ImagesIngress:
         signing_key: str,
         pipelines: dict[str, dict[str, Any]],
         post_processor: Any,
+        sweeper: Any = None,
     ):
         self.config = config
         self.registry = registry
         self.signer = UrlSigner(signing_key, config.url_ttl_s)
-        self.store = ImageStore(config.image_store_url)
+        self.store = ImageStore.from_config(config)
         self.stages = {
             name: HandleStages(h["text_encoder"], h["denoiser"], h["vae_decoder"], post_processor)
             for name, h in pipelines.items()
         }
+        # Held only so that Serve deploys the sweeper with this graph; never called.
+        self.sweeper = sweeper
+        self._health: dict[str, tuple[float, str | None]] = {}
         self.created = int(time.time())
         self.moderator: Moderator = (
             PatternModerator.from_file(resolve_path(registry.moderation)) if registry.moderation else AllowAll()
@@ -72,13 +80,33 @@ class ImagesIngress:
         return build_api(self)
 
     def _image_url(self, request: Request, name: str) -> str:
+        direct = self.store.url_for(name, self.config.url_ttl_s)
+        if direct:
+            return direct
         base = (self.config.public_base_url or str(request.base_url)).rstrip("/")
         expires, sig = self.signer.sign(name)
         return f"{base}/v1/images/files/{name}?expires={expires}&sig={sig}"
 
+    async def pipeline_problem(self, pipeline: str) -> str | None:
+        """Why a pipeline cannot serve, or None; its stages are asked at most every HEALTH_TTL_S."""
+        checked = self._health.get(pipeline)
+        if checked is not None and time.monotonic() - checked[0] < HEALTH_TTL_S:
+            return checked[1]
+        try:
+            problem = await self.stages[pipeline].problem()
+        except Exception as exc:  # noqa: BLE001 - Serve restarts unreachable replicas; ask again next time
+            logger.warning("could not ask pipeline %s whether it can serve: %s", pipeline, exc)
+            return None
+        if problem and (checked is None or checked[1] != problem):
+            logger.error("pipeline %s cannot serve and its models are hidden: %s", pipeline, problem)
+        self._health[pipeline] = (time.monotonic(), problem)
+        return problem
+
     async def create_image(self, body: ImageGenerationRequest, request: Request) -> Response:
         r = resolve_request(body, self.registry)
         request_id = request_id_of(request)
+        if await self.pipeline_problem(r.model.pipeline):
+            raise model_unavailable(r.model.id)
         logger.info(
             "request %s: model=%s n=%d size=%s quality=%s stream=%s prompt_chars=%d user=%s",
             request_id,
@@ -115,8 +143,12 @@ class ImagesIngress:
             yield f"event: error\ndata: {JSONResponse(err.body()).body.decode()}\n\n"
 
     async def list_models(self) -> ModelList:
+        names = list(self.registry.pipelines)
+        problems = dict(zip(names, await asyncio.gather(*(self.pipeline_problem(n) for n in names))))
         data = []
         for m in self.registry.models:
+            if problems[m.pipeline]:
+                continue
             p = self.registry.pipelines[m.pipeline]
             sizes = served_sizes(m, p) + (["auto"] if m.family == "gpt-image" else [])
             data.append(

@@ -3,32 +3,34 @@
 from __future__ import annotations
 
 import base64
-import logging
 
 import numpy as np
 
 from serve_app.codecs import encode_image
+from serve_app.config import AppConfig
 from serve_app.generation import PostProcessSpec
 from serve_app.matting import BackdropMatting, Matting
 from serve_app.storage import ImageStore
 
-logger = logging.getLogger("serve_app")
-
 
 class PostProcessor:
-    def __init__(self, store_url: str, png_compress_level: int = 1, matting: Matting | None = None):
-        self.store = ImageStore(store_url)
-        self.png_level = png_compress_level
+    def __init__(self, config: AppConfig, matting: Matting | None = None):
+        self.store = ImageStore.from_config(config)
+        self.png_level = config.png_compress_level
         self.matting = matting or BackdropMatting()
         warm_up = getattr(self.matting, "warm_up", None)
         if warm_up is not None:
             warm_up()
 
     def process(self, pixels: np.ndarray, spec: PostProcessSpec) -> dict[str, str]:
-        """Returns {"b64_json": ...} or {"name": stored image name}."""
+        """Returns {"b64_json": ...} or {"name": stored image name}; StorageError if it cannot be stored."""
         if spec.transparent:
             pixels = self.matting.matte(pixels[..., :3])
         data = encode_image(pixels, spec.output_format, spec.compression, self.png_level)
         if spec.response_format == "b64_json":
             return {"b64_json": base64.b64encode(data).decode("ascii")}
         return {"name": self.store.put(data, spec.output_format)}
+
+    def discard(self, names: list[str]) -> None:
+        """Delete images stored for a request that failed, so none is left behind."""
+        self.store.delete(names)

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from serve_app.config import PipelineConfig, StageOptions
 from serve_app.pipeline.components import PipelineLayout, pick_device, pick_dtype
+from serve_app.pipeline.sources import ModelSourceError, SourceFiles, fetch_source
 from serve_app.pipeline.tiny import save_tiny_pipeline
 
 logger = logging.getLogger("serve_app")
 
 
-def prepare_replica(pipeline: PipelineConfig, options: StageOptions) -> tuple[PipelineLayout, str, torch.dtype]:
-    """Set torch's threads, make sure the model is on disk, pick device and dtype.
+def prepare_replica(
+    pipeline: PipelineConfig, options: StageOptions, files: SourceFiles, cache_dir: Path
+) -> tuple[PipelineLayout, str, torch.dtype]:
+    """Set torch's threads, make sure the stage's files are on local disk,
+    pick device and dtype.
 
     Ray sets OMP_NUM_THREADS to the actor's num_cpus (one thread for
     fractional CPUs), which made a prototype of this graph 2.7x slower than
@@ -26,8 +31,52 @@ def prepare_replica(pipeline: PipelineConfig, options: StageOptions) -> tuple[Pi
     if pipeline.builtin and not (pipeline.path / "model_index.json").exists():
         logger.info("building the embedded %s model at %s", pipeline.builtin, pipeline.path)
         save_tiny_pipeline(pipeline.path, pipeline.builtin)
+    root = fetch_source(pipeline, files, cache_dir)
     device = pick_device(options.device)
-    return PipelineLayout.read(pipeline.path), device, pick_dtype(pipeline.dtype, device)
+    return PipelineLayout.read(root), device, pick_dtype(pipeline.dtype, device)
+
+
+class ModelUnavailable(RuntimeError):
+    """A stage whose model could not be loaded was asked to work."""
+
+
+class ModelStage:
+    """What the three model stage deployments share.
+
+    A replica loads its part of the pipeline when it starts. If that fails
+    (an unreadable source, a missing component) it stays up and reports the
+    problem through :meth:`problem` instead of failing its constructor:
+    Ray Serve would otherwise fail the whole application, and one broken
+    model must not take the others down. The ingress asks, hides the model
+    and answers its requests with 503 model_unavailable.
+    """
+
+    files: SourceFiles  # the part of the pipeline this stage loads
+
+    def __init__(self, pipeline: PipelineConfig, options: StageOptions, cache_dir: str):
+        self._problem: str | None = None
+        self.options = options
+        try:
+            self.load(*prepare_replica(pipeline, options, self.files, Path(cache_dir)))
+        except Exception as exc:  # noqa: BLE001 - reported by problem(), logged with its traceback
+            detail = str(exc) if isinstance(exc, ModelSourceError) else f"{pipeline.source}: {type(exc).__name__}: {exc}"
+            self._problem = f"cannot load the {self.files.name} stage from {detail}"
+            logger.error("%s: %s", type(self).__name__, self._problem, exc_info=True)
+
+    def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def problem(self) -> str | None:
+        """None when this replica can serve; else why not, naming the source and what is missing."""
+        return self._problem
+
+    def ready(self) -> None:
+        if self._problem:
+            raise ModelUnavailable(self._problem)
+
+    def describe(self) -> dict[str, Any]:
+        """What this replica actually runs with, for tests and debugging."""
+        return {"modules": held_module_classes(self), "torch_threads": torch.get_num_threads(), "problem": self._problem}
 
 
 def held_module_classes(obj: Any) -> list[str]:
@@ -51,11 +100,6 @@ def held_module_classes(obj: Any) -> list[str]:
 
     visit(obj, 5)
     return sorted(found)
-
-
-def describe_replica(stage: Any) -> dict[str, Any]:
-    """What a stage replica actually runs with, for tests and debugging."""
-    return {"modules": held_module_classes(stage), "torch_threads": torch.get_num_threads()}
 
 
 def optimize_module(module: torch.nn.Module, options: StageOptions, device: str) -> torch.nn.Module:

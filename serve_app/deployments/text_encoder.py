@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from serve_app.config import PipelineConfig, StageOptions
-from serve_app.deployments.replica import describe_replica, prepare_replica
+import torch
+
+from serve_app.deployments.replica import ModelStage
+from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.encoders import PromptEncoder
 from serve_app.pipeline.types import PromptEmbeddings
 
 
-class TextEncoder:
-    def __init__(self, pipeline: PipelineConfig, options: StageOptions):
-        layout, device, dtype = prepare_replica(pipeline, options)
+class TextEncoder(ModelStage):
+    files = PromptEncoder.SOURCE_FILES
+
+    def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
         self.encoder = PromptEncoder(layout, device, dtype)
 
     def encode(self, prompt: str, count_prompt: str | None = None) -> PromptEmbeddings:
+        self.ready()
         return self.encoder.encode(prompt, count_prompt=count_prompt)
-
-    def describe(self) -> dict:
-        return describe_replica(self)

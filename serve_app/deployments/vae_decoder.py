@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from serve_app.config import PipelineConfig, StageOptions
 from serve_app.deployments.batching import BatchRunner
-from serve_app.deployments.replica import describe_replica, optimize_module, prepare_replica
+from serve_app.deployments.replica import ModelStage, optimize_module
+from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.decoders import LatentDecoder
 
 
-class VaeDecoder:
-    def __init__(self, pipeline: PipelineConfig, options: StageOptions):
-        layout, device, dtype = prepare_replica(pipeline, options)
+class VaeDecoder(ModelStage):
+    files = LatentDecoder.SOURCE_FILES
+
+    def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
         self.decoder = LatentDecoder(layout, device, dtype)
-        self.decoder.vae = optimize_module(self.decoder.vae, options, device)
-        self.batches = BatchRunner("vae_decoder", self.decoder.decode_many, options)
+        self.decoder.vae = optimize_module(self.decoder.vae, self.options, device)
+        self.batches = BatchRunner("vae_decoder", self.decoder.decode_many, self.options)
 
     async def decode(self, latents: np.ndarray) -> np.ndarray:
+        self.ready()
         return await self.batches.run(latents, len(latents))
-
-    def describe(self) -> dict:
-        return describe_replica(self)

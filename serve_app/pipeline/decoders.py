@@ -6,10 +6,13 @@ import numpy as np
 import torch
 
 from serve_app.pipeline.components import PipelineLayout
+from serve_app.pipeline.sources import SourceFiles
 
 
 class LatentDecoder:
     """Loads only the VAE of a pipeline."""
+
+    SOURCE_FILES = SourceFiles("vae_decoder", ("model_index.json", "vae/*"))
 
     def __init__(self, layout: PipelineLayout, device: str = "cpu", dtype: torch.dtype = torch.float32):
         self.device = device

@@ -10,11 +10,15 @@ import numpy as np
 import torch
 
 from serve_app.pipeline.components import PipelineLayout
+from serve_app.pipeline.sources import SourceFiles
 from serve_app.pipeline.types import DenoiseJob
 
 
 class LatentDenoiser:
     """Loads only the UNet and the scheduler of a pipeline."""
+
+    # The VAE's config gives the latent grid's downsampling factor (below).
+    SOURCE_FILES = SourceFiles("denoiser", ("model_index.json", "unet/*", "scheduler/*", "vae/config.json"))
 
     def __init__(self, layout: PipelineLayout, device: str = "cpu", dtype: torch.dtype = torch.float32):
         self.layout = layout

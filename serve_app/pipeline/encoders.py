@@ -6,11 +6,14 @@ import numpy as np
 import torch
 
 from serve_app.pipeline.components import PipelineLayout
+from serve_app.pipeline.sources import SourceFiles
 from serve_app.pipeline.types import PromptEmbeddings
 
 
 class PromptEncoder:
     """Loads only the tokenizer(s) and text encoder(s) of a pipeline."""
+
+    SOURCE_FILES = SourceFiles("text_encoder", ("model_index.json", "tokenizer*/*", "text_encoder*/*"))
 
     def __init__(self, layout: PipelineLayout, device: str = "cpu", dtype: torch.dtype = torch.float32):
         self.layout = layout

@@ -17,11 +17,14 @@ from serve_app.pipeline.types import DenoiseJob
 
 
 @pytest.fixture(scope="module", params=["tiny-sd", "tiny-sdxl"])
-def stages(request, tiny_sd_dir, tiny_sdxl_dir):
+def stages(request, tiny_sd_dir, tiny_sdxl_dir, tmp_path_factory):
     model_dir = tiny_sd_dir if request.param == "tiny-sd" else tiny_sdxl_dir
     pipeline = PipelineConfig(source=str(model_dir))
     opts = StageOptions(torch_threads=2)
-    return request.param, model_dir, TextEncoder(pipeline, opts), Denoiser(pipeline, opts), VaeDecoder(pipeline, opts)
+    cache = str(tmp_path_factory.mktemp("cache"))
+    stages = TextEncoder(pipeline, opts, cache), Denoiser(pipeline, opts, cache), VaeDecoder(pipeline, opts, cache)
+    assert [s.problem() for s in stages] == [None, None, None]
+    return (request.param, model_dir, *stages)
 
 
 def sync(result):

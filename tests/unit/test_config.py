@@ -86,3 +86,11 @@ def test_relative_paths_resolve_against_project_root():
     config = AppConfig(data_dir="data")
     assert config.data_path == ROOT / "data"
     assert config.image_store_url == (ROOT / "data" / "images").as_uri()
+
+
+def test_storage_and_cache_defaults_and_limits():
+    config = AppConfig(data_dir="data")
+    assert config.model_cache_path == ROOT / "data" / "model-cache"
+    assert AppConfig(model_cache_dir="/var/cache/models").model_cache_path == Path("/var/cache/models")
+    with pytest.raises(ValidationError):
+        AppConfig(url_ttl_s=8 * 24 * 3600)  # longer than an S3 presigned URL may live

@@ -153,3 +153,54 @@ def test_signed_url_for_unknown_image_is_404(ingress_client):
     name = "A" * 32 + ".png"
     expires, sig = ingress_client.instance.signer.sign(name)
     assert_error(ingress_client.get(f"/v1/images/files/{name}?expires={expires}&sig={sig}"), 404)
+
+
+def test_one_failed_write_is_503_and_leaves_no_image_behind(local_stages, s3_endpoint, monkeypatch):
+    """n=3 on an S3 store whose second write fails: the request is a 503 with
+    Retry-After, no URL, and the images written before the failure are gone."""
+    import itertools
+
+    from fastapi.testclient import TestClient
+
+    from serve_app.deployments.ingress import ImagesIngress
+    from serve_app.deployments.post_processor import PostProcessor
+    from serve_app.storage import StorageError
+    from tests.conftest import TEST_API_KEY, TEST_SIGNING_KEY, LocalHandle
+
+    config, registry, pipelines, _ = local_stages
+    s3_endpoint.client().create_bucket(Bucket="flaky")
+    config = config.model_copy(update={"image_store": "s3://flaky/img", "image_store_options": s3_endpoint.storage_options})
+    post = PostProcessor(config)
+    calls, real_put = itertools.count(), post.store.put
+
+    def flaky_put(data: bytes, ext: str) -> str:
+        if next(calls) == 1:
+            raise StorageError("simulated write failure")
+        return real_put(data, ext)
+
+    monkeypatch.setattr(post.store, "put", flaky_put)
+    monkeypatch.delenv("IMAGES_API_KEYS", raising=False)
+    ingress = ImagesIngress(config, registry, TEST_SIGNING_KEY, pipelines, LocalHandle(post))
+    with TestClient(ingress.__serve_build_asgi_app__(), raise_server_exceptions=False) as client:
+        resp = client.post(
+            GEN,
+            json={"prompt": "otter", "n": 3, "size": "256x256", "response_format": "url"},
+            headers={"Authorization": f"Bearer {TEST_API_KEY}"},
+        )
+    err = assert_error(resp, 503, code="storage_unavailable")
+    assert err["type"] == "server_error" and int(resp.headers["retry-after"]) > 0
+    assert next(calls) == 3  # all three writes were attempted, two of them stored
+    assert s3_endpoint.keys("flaky") == []
+
+
+def test_images_are_removed_when_their_urls_cannot_be_made(ingress_client, monkeypatch):
+    store = ingress_client.instance.store
+    before = set(store.fs.ls(store.root, detail=False))
+
+    def no_url(name, ttl_s):
+        raise RuntimeError("cannot presign")
+
+    monkeypatch.setattr(store, "url_for", no_url)
+    resp = ingress_client.post(GEN, json={"prompt": "otter", "n": 2, "size": "256x256", "response_format": "url"})
+    assert_error(resp, 500)
+    assert set(store.fs.ls(store.root, detail=False)) == before
