@@ -89,6 +89,10 @@ class LocalHandle:
         stream = self._stream
 
         async def iterate(*args, **kwargs):
+            if inspect.isasyncgenfunction(method):
+                async for item in method(*args, **kwargs):
+                    yield item
+                return
             gen = method(*args, **kwargs)
             done = object()
             while (item := await asyncio.to_thread(next, gen, done)) is not done:

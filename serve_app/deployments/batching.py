@@ -41,6 +41,9 @@ class BatchRunner:
         self._arrival = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # one batch computes at a time
+        # Process CPU seconds per wall second of the last batch: ~torch_threads
+        # when intra-op parallelism works, ~1 when it silently does not.
+        self.last_cpu_per_wall: float | None = None
 
     async def run(self, item: Any, images: int) -> Any:
         if self.max_images <= 1 or images >= self.max_images:
@@ -92,6 +95,9 @@ class BatchRunner:
         for p in batch:
             QUEUE_WAIT.observe(started - p.arrived, tags=tags)
         BATCH_SIZE.observe(sum(p.images for p in batch), tags=tags)
-        results = await asyncio.to_thread(self.compute, [p.item for p in batch])
-        STAGE_SECONDS.observe(time.monotonic() - started, tags=tags)
+        cpu = time.process_time()
+        results = self.compute([p.item for p in batch])
+        wall = time.monotonic() - started
+        self.last_cpu_per_wall = (time.process_time() - cpu) / wall if wall > 0 else None
+        STAGE_SECONDS.observe(wall, tags=tags)
         return results

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, AsyncIterator
 
 import numpy as np
 import torch
@@ -28,11 +28,13 @@ class Denoiser(ModelStage):
         self.ready()
         return await self.batches.run(job, len(job.seeds))
 
-    def denoise_stream(self, job: DenoiseJob, preview_steps: list[int]) -> Iterator[tuple[str, np.ndarray]]:
-        """Streamed to the caller (handle.options(stream=True)): previews as they happen, then the result."""
+    async def denoise_stream(self, job: DenoiseJob, preview_steps: list[int]) -> AsyncIterator[tuple[str, np.ndarray]]:
+        """Streamed to the caller (handle.options(stream=True)): previews as they happen, then the result.
+        Each step computes on the event-loop thread (as batches do); the loop gets control back at every yield."""
         self.ready()
-        yield from self.denoiser.denoise_steps(job, preview_steps)
+        for item in self.denoiser.denoise_steps(job, preview_steps):
+            yield item
 
     def describe(self) -> dict[str, Any]:
         steps = self.denoiser.steps_run if hasattr(self, "denoiser") else 0
-        return {**super().describe(), "steps_run": steps}
+        return {**super().describe(), "steps_run": steps, "last_batch_cpu_per_wall": self.batches.last_cpu_per_wall if hasattr(self, "batches") else None}

@@ -16,6 +16,20 @@ from serve_app.pipeline.tiny import save_tiny_pipeline
 logger = logging.getLogger("serve_app")
 
 
+def use_torch_threads(options: StageOptions) -> None:
+    """Apply the configured torch thread count to the calling thread.
+
+    Ray sets OMP_NUM_THREADS to the actor's num_cpus (1 for fractions); with
+    PyTorch's OpenMP backend the count is per thread, so it is set again at
+    each compute entry point (it costs microseconds). The model stages also
+    compute on the replica's event-loop thread rather than a thread pool:
+    measured on a 2-core CPU, PyTorch's intra-op parallelism barely engages
+    on pool threads (see serve_app/deployments/batching.py).
+    """
+    if options.torch_threads:
+        torch.set_num_threads(options.torch_threads)
+
+
 def prepare_replica(
     pipeline: PipelineConfig, options: StageOptions, files: SourceFiles, cache_dir: Path
 ) -> tuple[PipelineLayout, str, torch.dtype]:
@@ -26,8 +40,7 @@ def prepare_replica(
     fractional CPUs), which made a prototype of this graph 2.7x slower than
     one process; the thread count is therefore always set from config.
     """
-    if options.torch_threads:
-        torch.set_num_threads(options.torch_threads)
+    use_torch_threads(options)
     if pipeline.builtin and not (pipeline.path / "model_index.json").exists():
         logger.info("building the embedded %s model at %s", pipeline.builtin, pipeline.path)
         save_tiny_pipeline(pipeline.path, pipeline.builtin)
@@ -71,8 +84,10 @@ class ModelStage:
         return self._problem
 
     def ready(self) -> None:
+        """Raise unless this replica can serve; set torch's threads for the calling thread."""
         if self._problem:
             raise ModelUnavailable(self._problem)
+        use_torch_threads(self.options)
 
     def describe(self) -> dict[str, Any]:
         """What this replica actually runs with, for tests and debugging."""

@@ -16,6 +16,7 @@ class TextEncoder(ModelStage):
     def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
         self.encoder = PromptEncoder(layout, device, dtype)
 
-    def encode(self, prompt: str, count_prompt: str | None = None) -> PromptEmbeddings:
+    async def encode(self, prompt: str, count_prompt: str | None = None) -> PromptEmbeddings:
+        # Computes on the event-loop thread, as the other model stages do (see replica.use_torch_threads).
         self.ready()
         return self.encoder.encode(prompt, count_prompt=count_prompt)

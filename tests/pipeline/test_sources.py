@@ -167,7 +167,7 @@ def test_a_stage_with_an_unreadable_source_stays_up_and_says_why(s3_endpoint, s3
     problem = denoiser.problem()
     assert problem.startswith("cannot load the denoiser stage from s3://models/partial/: missing unet/*")
     assert denoiser.describe()["problem"] == problem and denoiser.describe()["modules"] == []
-    job = DenoiseJob(encoder.encode("otter"), [1], 64, 64, 1, 1.0)
+    job = DenoiseJob(asyncio.run(encoder.encode("otter")), [1], 64, 64, 1, 1.0)
     assert isinstance(job.embeddings.prompt_embeds, np.ndarray)
     with pytest.raises(ModelUnavailable, match="unet"):
         asyncio.run(denoiser.denoise(job))

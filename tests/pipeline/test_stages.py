@@ -34,7 +34,7 @@ def sync(result):
 
 def run(stages, prompt="a cute baby sea otter", seeds=(1, 2), size=(256, 256), steps=2, guidance=7.5):
     _, _, te, dn, vae = stages
-    emb = te.encode(prompt)
+    emb = sync(te.encode(prompt))
     latents = sync(dn.denoise(DenoiseJob(emb, list(seeds), size[1], size[0], steps, guidance)))
     return emb, latents, sync(vae.decode(latents))
 
@@ -63,10 +63,10 @@ def test_same_seed_same_pixels_other_seed_other_pixels(stages):
 
 
 def test_token_count_and_truncation(stages):
-    emb = stages[2].encode("word " * 100)
+    emb = sync(stages[2].encode("word " * 100))
     assert emb.token_count > 75 and emb.truncated
     assert emb.encoded_prompt.startswith("word") and len(emb.encoded_prompt) < len("word " * 100)
-    short = stages[2].encode("otter")
+    short = sync(stages[2].encode("otter"))
     assert not short.truncated and short.encoded_prompt == "otter" and 0 < short.token_count < 10
 
 
@@ -110,8 +110,11 @@ def test_layout_errors_name_the_problem(tmp_path, tiny_sd_dir):
 
 def test_stream_yields_previews_then_the_same_final_latents(stages):
     _, _, te, dn, vae = stages
-    job = DenoiseJob(te.encode("otter"), [5], 256, 256, 4, 7.5)
-    events = list(dn.denoise_stream(job, [1, 3]))
+    job = DenoiseJob(sync(te.encode("otter")), [5], 256, 256, 4, 7.5)
+    async def collect():
+        return [item async for item in dn.denoise_stream(job, [1, 3])]
+
+    events = asyncio.run(collect())
     assert [kind for kind, _ in events] == ["preview", "preview", "final"]
     assert np.array_equal(events[-1][1], sync(dn.denoise(job)))  # previews do not change the result
     previews = [sync(vae.decode(latents)) for _, latents in events]
@@ -121,13 +124,13 @@ def test_stream_yields_previews_then_the_same_final_latents(stages):
 def test_steps_counter_counts_denoising_steps(stages):
     _, _, te, dn, _ = stages
     before = dn.describe()["steps_run"]
-    sync(dn.denoise(DenoiseJob(te.encode("otter"), [1], 64, 64, 3, 7.5)))
+    sync(dn.denoise(DenoiseJob(sync(te.encode("otter")), [1], 64, 64, 3, 7.5)))
     assert dn.describe()["steps_run"] - before == 3
 
 
 def test_token_count_of_the_user_prompt_not_the_template(stages):
     te = stages[2]
-    plain = te.encode("otter")
-    templated = te.encode("otter, vivid colors, dramatic lighting", count_prompt="otter")
+    plain = sync(te.encode("otter"))
+    templated = sync(te.encode("otter, vivid colors, dramatic lighting", count_prompt="otter"))
     assert templated.token_count == plain.token_count
     assert templated.encoded_prompt == "otter, vivid colors, dramatic lighting"
