@@ -343,11 +343,13 @@ def main() -> None:
     draw_chart(summary, out / f"bench-{stamp}.png")
     print(f"c1 latency ratio {summary['c1_latency_ratio']} (target <= 1.10)   "
           f"c8 vs batched {summary['c8_vs_batched']} (>= 0.9)   c8 vs sequential {summary['c8_vs_sequential']} (>= 1.3)")
-    print(f"wrote {out / f'bench-{stamp}.json'} and .png")
-    print(json.dumps(summary, separators=(",", ":")))
+    print(f"wrote {out / f'bench-{stamp}.json'} and .png", flush=True)
+    import ray
     from ray import serve
 
-    serve.shutdown()
+    serve.shutdown()  # before the summary, so that the summary is the last line
+    ray.shutdown()
+    print(json.dumps(summary, separators=(",", ":")), flush=True)
 
 
 if __name__ == "__main__":

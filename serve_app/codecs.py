@@ -7,6 +7,7 @@ import struct
 import zlib
 
 import numpy as np
+import simplejpeg
 from isal import isal_zlib
 from PIL import Image
 
@@ -22,17 +23,20 @@ def encode_image(pixels: np.ndarray, output_format: str, compression: int = 100,
     """
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
         raise ValueError(f"expected HxWx3 or HxWx4 uint8 pixels, got {pixels.dtype} {pixels.shape}")
+    pixels = np.ascontiguousarray(pixels)
     if output_format == "png":
         return encode_png(pixels, png_level)
+    if output_format == "jpeg":
+        # libjpeg-turbo through simplejpeg with its fast DCT: ~6.6 ms at
+        # 1024x1024 here against ~10 ms for Pillow. 4:2:0 chroma subsampling,
+        # as most encoders do by default.
+        return simplejpeg.encode_jpeg(
+            np.ascontiguousarray(pixels[..., :3]), quality=max(1, min(compression, 95)), colorspace="RGB",
+            colorsubsampling="420", fastdct=True,
+        )
     image = Image.fromarray(pixels, "RGBA" if pixels.shape[2] == 4 else "RGB")
     buf = io.BytesIO()
-    if output_format == "jpeg":
-        if image.mode == "RGBA":
-            image = image.convert("RGB")
-        # 4:2:0 chroma subsampling, as most encoders do by default: about
-        # half the time and size of 4:4:4 at the same quality.
-        image.save(buf, format="JPEG", quality=max(1, min(compression, 95)), subsampling=2)
-    elif output_format == "webp":
+    if output_format == "webp":
         if compression >= 100:
             image.save(buf, format="WEBP", lossless=True, method=0)
         else:

@@ -50,4 +50,4 @@ class LatentDecoder:
             z = z + shift
         images = self.vae.decode(z).sample
         images = (images / 2 + 0.5).clamp(0, 1)
-        return (images.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8).cpu().numpy()
+        return np.ascontiguousarray((images.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8).cpu().numpy())
