@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator
 
 import numpy as np
@@ -30,9 +31,16 @@ class Denoiser(ModelStage):
 
     async def denoise_stream(self, job: DenoiseJob, preview_steps: list[int]) -> AsyncIterator[tuple[str, np.ndarray]]:
         """Streamed to the caller (handle.options(stream=True)): previews as they happen, then the result.
-        Each step computes on the event-loop thread (as batches do); the loop gets control back at every yield."""
+
+        Unlike batches, each step runs on a worker thread so the event loop is
+        free to send a preview while the next steps compute (run inline, the
+        previews were measured to arrive only with the final image). On CPU
+        that costs some step speed (see batching.py).
+        """
         self.ready()
-        for item in self.denoiser.denoise_steps(job, preview_steps):
+        steps = self.denoiser.denoise_steps(job, preview_steps)
+        done = object()
+        while (item := await asyncio.to_thread(next, steps, done)) is not done:
             yield item
 
     def describe(self) -> dict[str, Any]:
