@@ -339,6 +339,12 @@ class AppConfig(_Strict):
     api_keys_file: str | None = Field(
         default=None, description="File with one API key per line (# comments allowed), in addition to env IMAGES_API_KEYS."
     )
+    request_deadline_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Per-request deadline for non-streaming generations; past it the client gets 504 "
+        "(x-should-retry: false). Keep it below the HTTP timeout (http_options.request_timeout_s) and clients' timeouts.",
+    )
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body accepted (413 beyond).")
     png_compress_level: int = Field(
         default=1,

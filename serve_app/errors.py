@@ -83,6 +83,40 @@ def storage_unavailable() -> OpenAIError:
     )
 
 
+STAGE_RETRY_AFTER_S = 5
+
+
+def server_overloaded(what: str) -> OpenAIError:
+    """A bounded queue is full: answered at once rather than waited on."""
+    return OpenAIError(
+        429,
+        f"The server is overloaded ({what} is at capacity). Retry after a short wait.",
+        type="server_overloaded",
+        code="server_overloaded",
+        headers={"Retry-After": str(STAGE_RETRY_AFTER_S)},
+    )
+
+
+def stage_unavailable(stage: str) -> OpenAIError:
+    """A model stage failed twice (e.g. its replica died): tell the client to come back."""
+    return OpenAIError(
+        503,
+        f"The {stage} stage is temporarily unavailable. Retry the request.",
+        code="stage_unavailable",
+        headers={"Retry-After": str(STAGE_RETRY_AFTER_S)},
+    )
+
+
+def deadline_exceeded(seconds: float) -> OpenAIError:
+    # Retrying the same request would most likely time out again.
+    return OpenAIError(
+        504,
+        f"The request did not finish within the server's deadline of {seconds:g} seconds.",
+        code="deadline_exceeded",
+        headers={"x-should-retry": "false"},
+    )
+
+
 def model_unavailable(model_id: str) -> OpenAIError:
     # The cause (a source URL, a bucket, a path) stays in the server log.
     return OpenAIError(

@@ -250,37 +250,6 @@ class PostProcessSpec:
     transparent: bool = False
 
 
-class HandleStages:
-    """Stages backed by Ray Serve deployment handles."""
-
-    def __init__(self, text_encoder: Any, denoiser: Any, vae_decoder: Any, post_processor: Any):
-        self._te, self._dn, self._vae, self._pp = text_encoder, denoiser, vae_decoder, post_processor
-
-    async def encode(self, prompt: str, count_prompt: str) -> PromptEmbeddings:
-        return await self._te.encode.remote(prompt, count_prompt)
-
-    async def denoise(self, job: DenoiseJob) -> np.ndarray:
-        return await self._dn.denoise.remote(job)
-
-    async def denoise_stream(self, job: DenoiseJob, preview_steps: list[int]) -> AsyncIterator[tuple[str, np.ndarray]]:
-        async for item in self._dn.options(stream=True).denoise_stream.remote(job, preview_steps):
-            yield item
-
-    async def decode(self, latents: np.ndarray) -> np.ndarray:
-        return await self._vae.decode.remote(latents)
-
-    async def postprocess(self, pixels: np.ndarray, spec: PostProcessSpec) -> dict[str, str]:
-        return await self._pp.process.remote(pixels, spec)
-
-    async def discard(self, names: list[str]) -> None:
-        await self._pp.discard.remote(names)
-
-    async def problem(self) -> str | None:
-        """Why this pipeline's model stages cannot serve, or None."""
-        problems = await asyncio.gather(self._te.problem.remote(), self._dn.problem.remote(), self._vae.problem.remote())
-        return next((p for p in problems if p), None)
-
-
 def preview_steps(steps: int, partial_images: int) -> list[int]:
     """Evenly spaced steps (1-based, before the last) after which to send a preview.
     With fewer steps than previews asked for, fewer previews are sent, as

@@ -15,6 +15,8 @@ from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.denoise import LatentDenoiser
 from serve_app.pipeline.types import DenoiseJob
 
+PREVIEW_SEND_S = 0.02  # loop time given to send a preview before the next step
+
 
 class Denoiser(ModelStage):
     files = LatentDenoiser.SOURCE_FILES
@@ -32,16 +34,17 @@ class Denoiser(ModelStage):
     async def denoise_stream(self, job: DenoiseJob, preview_steps: list[int]) -> AsyncIterator[tuple[str, np.ndarray]]:
         """Streamed to the caller (handle.options(stream=True)): previews as they happen, then the result.
 
-        Unlike batches, each step runs on a worker thread so the event loop is
-        free to send a preview while the next steps compute (run inline, the
-        previews were measured to arrive only with the final image). On CPU
-        that costs some step speed (see batching.py).
+        Steps compute on the event-loop thread, like batches (running them on
+        a worker thread was measured to slow every later compute of the
+        replica: PyTorch's OpenMP pool then stopped using both cores). After a
+        preview the loop is given a moment to send it before the next step
+        blocks it.
         """
         self.ready()
-        steps = self.denoiser.denoise_steps(job, preview_steps)
-        done = object()
-        while (item := await asyncio.to_thread(next, steps, done)) is not done:
-            yield item
+        for kind, latents in self.denoiser.denoise_steps(job, preview_steps):
+            yield kind, latents
+            if kind == "preview":
+                await asyncio.sleep(PREVIEW_SEND_S)
 
     def describe(self) -> dict[str, Any]:
         steps = self.denoiser.steps_run if hasattr(self, "denoiser") else 0

@@ -20,8 +20,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from serve_app.codecs import CONTENT_TYPES
 from serve_app.config import AppConfig, ModelRegistry
 from serve_app.config import resolve_path
-from serve_app.errors import OpenAIError, install_error_handlers, model_unavailable, request_id_of, to_openai_error
-from serve_app.generation import HandleStages, generate, generate_stream, resolve_request, served_qualities, served_sizes
+from serve_app.errors import OpenAIError, deadline_exceeded, install_error_handlers, model_unavailable, request_id_of, to_openai_error
+from serve_app.deployments.stage_handles import HandleStages
+from serve_app.generation import generate, generate_stream, resolve_request, served_qualities, served_sizes
 from serve_app.metrics import IMAGES
 from serve_app.moderation import AllowAll, Moderator, PatternModerator, moderation_blocked
 from serve_app.middleware import GuardSettings, RequestGuard
@@ -127,7 +128,13 @@ class ImagesIngress:
         stages = self.stages[r.model.pipeline]
         if r.stream:
             return StreamingResponse(self._sse(r, stages, request_id), media_type="text/event-stream", headers=headers)
-        result = await generate(r, stages, lambda name: self._image_url(request, name))
+        try:
+            result = await asyncio.wait_for(
+                generate(r, stages, lambda name: self._image_url(request, name)), self.config.request_deadline_s
+            )
+        except asyncio.TimeoutError:
+            # wait_for cancelled the stage calls; Serve passes the cancellation on to the replicas.
+            raise deadline_exceeded(self.config.request_deadline_s) from None
         IMAGES.inc(r.n, tags={"model": r.model.id, "output_format": r.output_format})
         return JSONResponse(result.model_dump(exclude_none=True), headers=headers)
 

@@ -1,0 +1,80 @@
+"""The ingress's view of one pipeline's stages: Ray Serve deployment handles,
+with Ray's failures turned into OpenAI errors.
+
+- A stage whose bounded queue is full (Ray's BackPressureError) is a 429
+  ``server_overloaded`` with Retry-After, answered at once.
+- A stage call that fails because its replica died or went away is retried
+  once (Serve routes the retry to a live replica; the request's seeds make
+  the result the same), then it is a 503 ``stage_unavailable`` with Retry-After.
+Ray's own answers to these are plain text, which OpenAI clients cannot read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+import numpy as np
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+from serve_app.errors import server_overloaded, stage_unavailable
+from serve_app.generation import PostProcessSpec
+from serve_app.pipeline.types import DenoiseJob, PromptEmbeddings
+
+logger = logging.getLogger("serve_app")
+
+T = TypeVar("T")
+REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+
+async def call_stage(stage: str, make_call: Callable[[], Awaitable[T]]) -> T:
+    """Run one stage call with the overload and retry rules above."""
+    for attempt in (1, 2):
+        try:
+            return await make_call()
+        except BackPressureError:
+            raise server_overloaded(f"the {stage} stage") from None
+        except REPLICA_GONE as exc:
+            logger.warning("%s call failed (attempt %d): %s", stage, attempt, type(exc).__name__)
+            if attempt == 2:
+                raise stage_unavailable(stage) from exc
+    raise AssertionError("unreachable")
+
+
+class HandleStages:
+    """Stages backed by Ray Serve deployment handles."""
+
+    def __init__(self, text_encoder: Any, denoiser: Any, vae_decoder: Any, post_processor: Any):
+        self._te, self._dn, self._vae, self._pp = text_encoder, denoiser, vae_decoder, post_processor
+
+    async def encode(self, prompt: str, count_prompt: str) -> PromptEmbeddings:
+        return await call_stage("text encoder", lambda: self._te.encode.remote(prompt, count_prompt))
+
+    async def denoise(self, job: DenoiseJob) -> np.ndarray:
+        return await call_stage("denoiser", lambda: self._dn.denoise.remote(job))
+
+    async def denoise_stream(self, job: DenoiseJob, preview_steps: list[int]) -> AsyncIterator[tuple[str, np.ndarray]]:
+        # Not retried: previews already sent cannot be taken back.
+        try:
+            async for item in self._dn.options(stream=True).denoise_stream.remote(job, preview_steps):
+                yield item
+        except BackPressureError:
+            raise server_overloaded("the denoiser stage") from None
+        except REPLICA_GONE as exc:
+            raise stage_unavailable("denoiser") from exc
+
+    async def decode(self, latents: np.ndarray) -> np.ndarray:
+        return await call_stage("VAE decoder", lambda: self._vae.decode.remote(latents))
+
+    async def postprocess(self, pixels: np.ndarray, spec: PostProcessSpec) -> dict[str, str]:
+        return await call_stage("post-processor", lambda: self._pp.process.remote(pixels, spec))
+
+    async def discard(self, names: list[str]) -> None:
+        await self._pp.discard.remote(names)
+
+    async def problem(self) -> str | None:
+        """Why this pipeline's model stages cannot serve, or None."""
+        problems = await asyncio.gather(self._te.problem.remote(), self._dn.problem.remote(), self._vae.problem.remote())
+        return next((p for p in problems if p), None)
