@@ -339,6 +339,12 @@ class AppConfig(_Strict):
     api_keys_file: str | None = Field(
         default=None, description="File with one API key per line (# comments allowed), in addition to env IMAGES_API_KEYS."
     )
+    max_concurrent_requests: int = Field(
+        default=64,
+        ge=1,
+        description="Generations one ingress replica works on at once; beyond it a request gets 429 "
+        "server_overloaded with Retry-After at once instead of waiting in an unbounded queue.",
+    )
     request_deadline_s: float = Field(
         default=300.0,
         gt=0,

@@ -20,7 +20,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from serve_app.codecs import CONTENT_TYPES
 from serve_app.config import AppConfig, ModelRegistry
 from serve_app.config import resolve_path
-from serve_app.errors import OpenAIError, deadline_exceeded, install_error_handlers, model_unavailable, request_id_of, to_openai_error
+from serve_app.errors import (
+    OpenAIError,
+    deadline_exceeded,
+    install_error_handlers,
+    model_unavailable,
+    request_id_of,
+    server_overloaded,
+    to_openai_error,
+)
 from serve_app.deployments.stage_handles import HandleStages
 from serve_app.generation import generate, generate_stream, resolve_request, served_qualities, served_sizes
 from serve_app.metrics import IMAGES
@@ -70,6 +78,7 @@ class ImagesIngress:
         self.sweeper = sweeper
         self._health: dict[str, tuple[float, str | None]] = {}
         self.created = int(time.time())
+        self.in_flight = 0  # non-streaming generations being worked on
         self.moderator: Moderator = (
             PatternModerator.from_file(resolve_path(registry.moderation)) if registry.moderation else AllowAll()
         )
@@ -104,6 +113,17 @@ class ImagesIngress:
         return problem
 
     async def create_image(self, body: ImageGenerationRequest, request: Request) -> Response:
+        # Admission: refuse at once past the configured concurrency, so that
+        # overload is a fast, readable 429 rather than an ever longer queue.
+        if self.in_flight >= self.config.max_concurrent_requests:
+            raise server_overloaded("this ingress replica")
+        self.in_flight += 1
+        try:
+            return await self._create_image(body, request)
+        finally:
+            self.in_flight -= 1
+
+    async def _create_image(self, body: ImageGenerationRequest, request: Request) -> Response:
         r = resolve_request(body, self.registry)
         request_id = request_id_of(request)
         if await self.pipeline_problem(r.model.pipeline):
