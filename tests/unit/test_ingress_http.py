@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import io
 
 import pytest
@@ -204,3 +205,21 @@ def test_images_are_removed_when_their_urls_cannot_be_made(ingress_client, monke
     resp = ingress_client.post(GEN, json={"prompt": "otter", "n": 2, "size": "256x256", "response_format": "url"})
     assert_error(resp, 500)
     assert set(store.fs.ls(store.root, detail=False)) == before
+
+
+def test_an_error_after_the_stream_started_is_sent_in_stream(ingress_client, monkeypatch):
+    import serve_app.deployments.ingress as ingress_module
+    from serve_app.protocol import PartialImageEvent
+
+    async def half_stream(r, stages):
+        yield PartialImageEvent(b64_json="AAAA", created_at=1, size=r.size, quality=r.quality, background=r.background, output_format="png", partial_image_index=0)
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(ingress_module, "generate_stream", half_stream)
+    resp = ingress_client.post(GEN, json={"prompt": "otter", "model": "gpt-image-1", "stream": True, "partial_images": 1})
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    events = [block for block in resp.text.split("\n\n") if block.strip()]
+    assert events[0].startswith("event: image_generation.partial_image")
+    data = json.loads(events[-1].split("data: ", 1)[1])
+    assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["type"] == "server_error"
+    assert "secret" not in resp.text
