@@ -23,6 +23,10 @@ from serve_app.config import StageOptions
 from serve_app.metrics import BATCH_SIZE, QUEUE_WAIT, STAGE_SECONDS
 
 
+class BatchAbandoned(Exception):
+    """Every caller of a batch went away; its work was stopped."""
+
+
 @dataclass
 class _Pending:
     arrived: float
@@ -32,9 +36,18 @@ class _Pending:
 
 
 class BatchRunner:
-    def __init__(self, stage: str, compute: Callable[[list[Any]], list[Any]], options: StageOptions):
+    """``compute`` is either a function returning the outputs, or (``stepwise``)
+    a generator function that yields None between units of work and the
+    outputs last: the runner then gives the event loop a turn at each None,
+    and abandons the batch once every caller of it has gone (client
+    disconnect, deadline), so cancelled work stops within a step."""
+
+    def __init__(
+        self, stage: str, compute: Callable[[list[Any]], Any], options: StageOptions, stepwise: bool = False
+    ):
         self.stage = stage
         self.compute = compute
+        self.stepwise = stepwise
         self.max_images = options.max_batch_size
         self.wait_s = options.batch_wait_timeout_s
         self._pending: list[_Pending] = []
@@ -80,6 +93,8 @@ class BatchRunner:
             async with self._lock:
                 try:
                     results = await self._compute(batch)
+                except BatchAbandoned:
+                    continue
                 except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
                     for p in batch:
                         if not p.future.done():
@@ -96,8 +111,24 @@ class BatchRunner:
             QUEUE_WAIT.observe(started - p.arrived, tags=tags)
         BATCH_SIZE.observe(sum(p.images for p in batch), tags=tags)
         cpu = time.process_time()
-        results = self.compute([p.item for p in batch])
+        results = await self._run_compute(batch)
         wall = time.monotonic() - started
         self.last_cpu_per_wall = (time.process_time() - cpu) / wall if wall > 0 else None
         STAGE_SECONDS.observe(wall, tags=tags)
         return results
+
+    async def _run_compute(self, batch: list[_Pending]) -> list[Any]:
+        if not self.stepwise:
+            return self.compute([p.item for p in batch])
+        steps = self.compute([p.item for p in batch])
+        try:
+            for out in steps:
+                if out is not None:
+                    return out
+                # A turn for the loop: it delivers cancellations (and new calls).
+                await asyncio.sleep(0)
+                if all(p.future is not None and p.future.cancelled() for p in batch):
+                    raise BatchAbandoned(f"every caller of this {self.stage} batch has gone")
+        finally:
+            steps.close()
+        raise RuntimeError(f"{self.stage} compute yielded no result")

@@ -25,7 +25,7 @@ class Denoiser(ModelStage):
         self.denoiser = LatentDenoiser(layout, device, dtype)
         self.denoiser.unet = optimize_module(self.denoiser.unet, self.options, device)
         self.denoiser.on_step = STEP_SECONDS.observe
-        self.batches = BatchRunner("denoiser", self.denoiser.denoise_many, self.options)
+        self.batches = BatchRunner("denoiser", self.denoiser.denoise_many_steps, self.options, stepwise=True)
 
     async def denoise(self, job: DenoiseJob) -> np.ndarray:
         self.ready()

@@ -52,26 +52,38 @@ class LatentDenoiser:
         """Denoise several jobs, running those that share size, steps and
         guidance as one batch. Each image still depends only on its own seed
         (up to floating-point differences between batch sizes)."""
+        for out in self.denoise_many_steps(jobs):
+            pass
+        return out  # type: ignore[return-value]
+
+    def denoise_many_steps(self, jobs: list[DenoiseJob]) -> Iterator[list[np.ndarray] | None]:
+        """:meth:`denoise_many`, yielding None after every denoising step and
+        the results last, so that a caller can stop between steps."""
         results: list[np.ndarray | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault((job.height, job.width, job.steps, job.guidance), []).append(i)
         for indices in groups.values():
-            *_, (_, latents) = self._run([jobs[i] for i in indices], set())
+            for kind, latents in self._run([jobs[i] for i in indices], set(), every_step=True):
+                if kind == "step":
+                    yield None
             offset = 0
             for i in indices:
                 n = len(jobs[i].seeds)
                 results[i] = latents[offset : offset + n]
                 offset += n
-        return results  # type: ignore[return-value]
+        yield results  # type: ignore[misc]
 
     def denoise_steps(self, job: DenoiseJob, preview_steps: list[int]) -> Iterator[tuple[str, np.ndarray]]:
         """Yield ("preview", predicted clean latents) after each step listed in
         ``preview_steps`` (1-based), then ("final", latents)."""
         yield from self._run([job], set(preview_steps))
 
-    def _run(self, jobs: list[DenoiseJob], preview_steps: set[int]) -> Iterator[tuple[str, np.ndarray]]:
-        """The denoising loop over jobs of one size, step count and guidance, as one batch."""
+    def _run(
+        self, jobs: list[DenoiseJob], preview_steps: set[int], every_step: bool = False
+    ) -> Iterator[tuple[str, np.ndarray | None]]:
+        """The denoising loop over jobs of one size, step count and guidance, as one batch.
+        Yields previews, ("step", None) after each step if ``every_step``, and ("final", latents)."""
         # inference_mode is per thread and a generator may be resumed on
         # another thread, so it is entered per step, never across a yield.
         first = jobs[0]
@@ -102,6 +114,8 @@ class LatentDenoiser:
                     self.on_step(time.perf_counter() - started)
             if preview is not None:
                 yield "preview", preview
+            if every_step:
+                yield "step", None
         yield "final", latents.float().cpu().numpy()
 
     def _prepare(self, jobs: list[DenoiseJob], guided: bool):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -102,3 +103,65 @@ def test_an_error_reaches_every_caller_of_the_batch():
         return await asyncio.gather(*(runner.run(i, 1) for i in range(3)), return_exceptions=True)
 
     assert all(isinstance(r, ValueError) for r in asyncio.run(main()))
+
+
+def stepper(log, steps=50):
+    def compute(items):
+        for i in range(steps):
+            log.append(i)
+            time.sleep(0.01)
+            yield None
+        yield [f"done-{x}" for x in items]
+
+    return compute
+
+
+def test_stepwise_batch_stops_when_every_caller_has_gone():
+    log = []
+    runner = BatchRunner("t", stepper(log), StageOptions(max_batch_size=4, batch_wait_timeout_s=0.01), stepwise=True)
+
+    async def main():
+        tasks = [asyncio.create_task(runner.run(i, 1)) for i in range(2)]
+        await asyncio.sleep(0.15)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.1)
+        # the runner still serves later calls
+        return await runner.run(7, 1)
+
+    assert asyncio.run(main()) == "done-7"
+    first_batch_steps = log.index(0, 1)  # where the second batch started over
+    assert first_batch_steps < 30, f"the abandoned batch ran {first_batch_steps} of 50 steps"
+
+
+def test_stepwise_batch_finishes_while_one_caller_remains():
+    log = []
+    runner = BatchRunner("t", stepper(log, steps=10), StageOptions(max_batch_size=4, batch_wait_timeout_s=0.05), stepwise=True)
+
+    async def main():
+        tasks = [asyncio.create_task(runner.run(i, 1)) for i in range(2)]
+        await asyncio.sleep(0.08)
+        tasks[0].cancel()
+        return await tasks[1]
+
+    assert asyncio.run(main()) == "done-1" and len(log) == 10
+
+
+def test_cancelled_denoise_stops_within_a_step(stage_code, tiny_sd_dir):
+    from serve_app.config import PipelineConfig
+    from serve_app.deployments.denoiser import Denoiser
+
+    enc = stage_code["sd"][0]
+    dn = Denoiser(PipelineConfig(source=str(tiny_sd_dir)), StageOptions(torch_threads=1), "/tmp/unused-cache")
+    job = DenoiseJob(enc.encode("otter"), [1], 512, 512, 200, 7.5)
+
+    async def main():
+        task = asyncio.create_task(dn.denoise(job))
+        await asyncio.sleep(1.0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return dn.describe()["steps_run"]
+
+    ran = asyncio.run(main())
+    assert 0 < ran < 200, f"{ran} of 200 steps ran"
