@@ -218,7 +218,7 @@ class ModelRegistry(_Strict):
             raise ValueError(f"default_model {self.default_model!r} is not a listed model id")
         if self.default_gpt_image_model is not None:
             gpt = self.model(self.default_gpt_image_model)
-            if gpt is None or gpt.family != "gpt-image":
+            if gpt is None or not FAMILIES[gpt.family].uses_gpt_image_params:
                 raise ValueError(f"default_gpt_image_model {self.default_gpt_image_model!r} is not a listed gpt-image model")
         for name in self.pipelines:
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
@@ -231,7 +231,7 @@ class ModelRegistry(_Strict):
     def gpt_image_default(self) -> str:
         if self.default_gpt_image_model is not None:
             return self.default_gpt_image_model
-        return next((m.id for m in self.models if m.family == "gpt-image"), self.default_model)
+        return next((m.id for m in self.models if FAMILIES[m.family].uses_gpt_image_params), self.default_model)
 
 
 class StageOptions(_Strict):

@@ -187,5 +187,7 @@ def install_error_handlers(app) -> None:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         return to_openai_error(exc, request_id_of(request)).response()
 
-    for exc_type in (OpenAIError, RequestValidationError, StarletteHTTPException, Exception):
+    # Anything else (a plain Exception) is answered by serve_app.middleware.RequestGuard,
+    # which sits inside Starlette's outermost error middleware and so also sets x-request-id.
+    for exc_type in (OpenAIError, RequestValidationError, StarletteHTTPException):
         app.add_exception_handler(exc_type, handle)

@@ -91,41 +91,31 @@ def served_qualities(model: ModelEntry, pipeline: PipelineConfig) -> list[str]:
     return [*rules.qualities, *optional, "auto"]
 
 
+def _size_problem(size: str, model: ModelEntry, rules: FamilyRules, pipeline: PipelineConfig) -> str | None:
+    """Why this model cannot serve a WxH size, or None if it can."""
+    allowed = served_sizes(model, pipeline)
+    if size in allowed:
+        return None
+    if not rules.free_sizes:
+        return f"Supported sizes: {', '.join(allowed)}"
+    try:
+        w, h = parse_size(size)
+    except ValueError as e:
+        return str(e)
+    return rules.check_free_size(w, h, pipeline.max_pixels)
+
+
 def _resolve_size(req: ImageGenerationRequest, model: ModelEntry, rules: FamilyRules, pipeline: PipelineConfig) -> tuple[int, int]:
     size = req.size or "auto"
     if size == "auto":
-        candidates = [model.default_size, pipeline.default_size, rules.default_size]
-        for c in candidates:
-            if c and (c in served_sizes(model, pipeline) or (rules.free_sizes and _free_size_ok(c, rules, pipeline))):
-                return parse_size(c)
+        for candidate in (model.default_size, pipeline.default_size, rules.default_size):
+            if candidate and _size_problem(candidate, model, rules, pipeline) is None:
+                return parse_size(candidate)
         raise invalid_request(f"Model '{model.id}' has no default size it can serve; name a size.", "size")
-    allowed = served_sizes(model, pipeline)
-    if size in allowed:
-        return parse_size(size)
-    if rules.free_sizes:
-        w, h = parse_size_or_400(size)
-        why = rules.check_free_size(w, h, pipeline.max_pixels)
-        if why is None:
-            return w, h
-        raise invalid_request(f"Invalid size '{size}' for model '{model.id}': {why}.", "size", "invalid_size")
-    raise invalid_request(
-        f"Invalid size '{size}' for model '{model.id}'. Supported sizes: {', '.join(allowed)}.", "size", "invalid_size"
-    )
-
-
-def _free_size_ok(size: str, rules: FamilyRules, pipeline: PipelineConfig) -> bool:
-    try:
-        w, h = parse_size(size)
-    except ValueError:
-        return False
-    return rules.check_free_size(w, h, pipeline.max_pixels) is None
-
-
-def parse_size_or_400(size: str) -> tuple[int, int]:
-    try:
-        return parse_size(size)
-    except ValueError as e:
-        raise invalid_request(f"Invalid size '{size}': {e}.", "size", "invalid_size") from None
+    problem = _size_problem(size, model, rules, pipeline)
+    if problem is not None:
+        raise invalid_request(f"Invalid size '{size}' for model '{model.id}': {problem}.", "size", "invalid_size")
+    return parse_size(size)
 
 
 def resolve_request(req: ImageGenerationRequest, registry: ModelRegistry) -> ResolvedRequest:
@@ -270,9 +260,12 @@ def usage_for(r: ResolvedRequest, embeddings: PromptEmbeddings, images: int) -> 
     )
 
 
-def _final_spec(r: ResolvedRequest) -> PostProcessSpec:
-    return PostProcessSpec(r.output_format, r.output_compression, r.response_format, r.background == "transparent")
+def _final_spec(r: ResolvedRequest, response_format: str) -> PostProcessSpec:
+    return PostProcessSpec(r.output_format, r.output_compression, response_format, r.background == "transparent")
 
+
+def _job(r: ResolvedRequest, embeddings: PromptEmbeddings) -> DenoiseJob:
+    return DenoiseJob(embeddings, r.seeds, r.height, r.width, r.steps, r.guidance)
 
 
 async def generate(
@@ -285,11 +278,11 @@ async def generate(
     # 1. Encode the prompt once, whatever n is.
     embeddings = await stages.encode(r.prompt, r.user_prompt)
     # 2. Denoise all n images as one batch, each from its own seed.
-    latents = await stages.denoise(DenoiseJob(embeddings, r.seeds, r.height, r.width, r.steps, r.guidance))
+    latents = await stages.denoise(_job(r, embeddings))
     # 3. Decode the batch to pixels.
     pixels = await stages.decode(latents)
     # 4. Encode (and store) each image; images can go to different replicas.
-    spec = _final_spec(r)
+    spec = _final_spec(r, r.response_format)
     encoded = await asyncio.gather(*(stages.postprocess(pixels[i], spec) for i in range(r.n)), return_exceptions=True)
     # All or nothing: if any image fails, or its URL cannot be made, the
     # images already stored for this request are removed again.
@@ -340,7 +333,7 @@ async def generate_stream(
     reaches them, then each image's completed event. Streamed images are
     always base64, as in OpenAI's API."""
     embeddings = await stages.encode(r.prompt, r.user_prompt)
-    job = DenoiseJob(embeddings, r.seeds, r.height, r.width, r.steps, r.guidance)
+    job = _job(r, embeddings)
     common = dict(size=r.size, quality=r.quality, background=r.background, output_format=r.output_format)
     preview_spec = PostProcessSpec(r.output_format, r.output_compression, "b64_json", False)
     index = 0
@@ -352,7 +345,7 @@ async def generate_stream(
                 yield PartialImageEvent(b64_json=out["b64_json"], created_at=int(clock()), partial_image_index=index, **common)
             index += 1
         else:
-            spec = PostProcessSpec(r.output_format, r.output_compression, "b64_json", r.background == "transparent")
+            spec = _final_spec(r, "b64_json")
             encoded = await asyncio.gather(*(stages.postprocess(pixels[i], spec) for i in range(r.n)))
             usage = usage_for(r, embeddings, 1)
             for out in encoded:

@@ -9,6 +9,7 @@ mapper in ``serve_app.errors``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -30,6 +31,7 @@ from serve_app.errors import (
     to_openai_error,
 )
 from serve_app.deployments.stage_handles import HandleStages
+from serve_app.families import FAMILIES
 from serve_app.generation import generate, generate_stream, resolve_request, served_qualities, served_sizes
 from serve_app.metrics import IMAGES
 from serve_app.moderation import AllowAll, Moderator, PatternModerator, moderation_blocked
@@ -166,8 +168,7 @@ class ImagesIngress:
                     IMAGES.inc(1, tags={"model": r.model.id, "output_format": r.output_format})
                 yield f"event: {event.type}\ndata: {event.model_dump_json()}\n\n"
         except Exception as exc:  # noqa: BLE001 - the client must hear about it in-stream
-            err = to_openai_error(exc, request_id)
-            yield f"event: error\ndata: {JSONResponse(err.body()).body.decode()}\n\n"
+            yield f"event: error\ndata: {json.dumps(to_openai_error(exc, request_id).body())}\n\n"
 
     async def list_models(self) -> ModelList:
         names = list(self.registry.pipelines)
@@ -177,7 +178,7 @@ class ImagesIngress:
             if problems[m.pipeline]:
                 continue
             p = self.registry.pipelines[m.pipeline]
-            sizes = served_sizes(m, p) + (["auto"] if m.family == "gpt-image" else [])
+            sizes = served_sizes(m, p) + (["auto"] if FAMILIES[m.family].free_sizes else [])
             data.append(
                 Model(
                     id=m.id,
