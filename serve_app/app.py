@@ -28,20 +28,26 @@ def deployment_name(stage: str, pipeline: str) -> str:
     return f"{stage}-{pipeline}"
 
 
-def build_app(args: dict[str, Any] | None = None) -> Application:
+# The deployment class of each model stage. Tests swap in stand-ins that
+# sleep instead of computing (tests/stub_stages.py) and keep everything else.
+MODEL_STAGES: dict[str, type] = {"text_encoder": TextEncoder, "denoiser": Denoiser, "vae_decoder": VaeDecoder}
+
+
+def build_app(args: dict[str, Any] | None = None, model_stages: dict[str, type] | None = None) -> Application:
     config, registry = load_app_config(args)
+    classes = {**MODEL_STAGES, **(model_stages or {})}
     stages = config.stages
     model_cache = str(config.model_cache_path)
     pipelines: dict[str, dict[str, Application]] = {}
     for name, pipeline in registry.pipelines.items():
         pipelines[name] = {
-            key: serve.deployment(cls, name=deployment_name(cls.__name__, name), **opts.deployment_options()).bind(
-                pipeline, opts, model_cache
-            )
+            key: serve.deployment(
+                cls, name=deployment_name(MODEL_STAGES[key].__name__, name), **opts.deployment_options()
+            ).bind(pipeline, opts, model_cache)
             for key, cls, opts in (
-                ("text_encoder", TextEncoder, stages.text_encoder),
-                ("denoiser", Denoiser, stages.denoiser),
-                ("vae_decoder", VaeDecoder, stages.vae_decoder),
+                ("text_encoder", classes["text_encoder"], stages.text_encoder),
+                ("denoiser", classes["denoiser"], stages.denoiser),
+                ("vae_decoder", classes["vae_decoder"], stages.vae_decoder),
             )
         }
     post_processor = serve.deployment(

@@ -245,6 +245,33 @@ class StageOptions(_Strict):
         default=None, description="Ray Serve autoscaling_config: min_replicas, max_replicas, target_ongoing_requests, ..."
     )
     max_ongoing_requests: int = Field(default=8, ge=1, description="Requests one replica works on at once.")
+    max_queued_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="Model stages and post-processor: calls that may wait for a replica of this stage; beyond it "
+        "the client gets 429 server_overloaded with Retry-After at once. None: Ray's default (unbounded). Not for "
+        "the ingress, whose overflow Ray would answer in plain text; it has max_concurrent_requests instead.",
+    )
+    health_check_period_s: float | None = Field(
+        default=None, gt=0, description="Seconds between Ray's health checks of each replica (Ray's default: 10)."
+    )
+    health_check_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="A health check slower than this fails (Ray's default: 30). Model stages answer it between "
+        "compute steps, so keep it above one step (or one VAE batch) on slow hardware.",
+    )
+    graceful_shutdown_timeout_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="On scale-down or redeploy, how long a replica may finish its in-flight requests before it "
+        "is stopped (Ray's default: 20). Keep it above a request's duration.",
+    )
+    fault_injection: bool = Field(
+        default=False,
+        description="Tests only: lets inject_fault() through a deployment handle break this stage's model, "
+        "to prove that check_health notices and Ray replaces the replica.",
+    )
     torch_threads: int | None = Field(
         default=None,
         ge=1,
@@ -272,6 +299,9 @@ class StageOptions(_Strict):
             "ray_actor_options": dict(self.ray_actor_options),
             "max_ongoing_requests": self.max_ongoing_requests,
         }
+        for name in ("max_queued_requests", "health_check_period_s", "health_check_timeout_s", "graceful_shutdown_timeout_s"):
+            if getattr(self, name) is not None:
+                options[name] = getattr(self, name)
         if self.autoscaling_config is not None:
             options["autoscaling_config"] = dict(self.autoscaling_config)
         elif self.num_replicas is not None:
@@ -279,16 +309,38 @@ class StageOptions(_Strict):
         return options
 
 
-def _cpu_stage(**kw: Any) -> StageOptions:
-    return StageOptions(ray_actor_options={"num_cpus": 0.25}, **kw)
+# Each stage's defaults; a stage given in the config overrides them key by key.
+_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Above AppConfig.max_concurrent_requests, so that overflow reaches the
+    # ingress's own admission check (a 429 in OpenAI's shape) instead of
+    # waiting in Ray's queue in front of it.
+    "ingress": {"max_ongoing_requests": 256},
+    "text_encoder": {"torch_threads": 2},
+    "denoiser": {"torch_threads": 2},
+    "vae_decoder": {"torch_threads": 2},
+    "post_processor": {"max_ongoing_requests": 16},
+}
 
 
 class StagesConfig(_Strict):
-    ingress: StageOptions = Field(default_factory=lambda: _cpu_stage(max_ongoing_requests=64))
-    text_encoder: StageOptions = Field(default_factory=lambda: _cpu_stage(torch_threads=2))
-    denoiser: StageOptions = Field(default_factory=lambda: _cpu_stage(torch_threads=2))
-    vae_decoder: StageOptions = Field(default_factory=lambda: _cpu_stage(torch_threads=2))
-    post_processor: StageOptions = Field(default_factory=lambda: _cpu_stage(max_ongoing_requests=16))
+    ingress: StageOptions
+    text_encoder: StageOptions
+    denoiser: StageOptions
+    vae_decoder: StageOptions
+    post_processor: StageOptions
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        merged = {}
+        for stage, defaults in _STAGE_DEFAULTS.items():
+            given = data.get(stage) or {}
+            if isinstance(given, StageOptions):
+                given = given.model_dump(exclude_unset=True)
+            merged[stage] = {"ray_actor_options": {"num_cpus": 0.25}, **defaults, **given}
+        return {**data, **merged}
 
 
 class AppConfig(_Strict):
@@ -342,14 +394,14 @@ class AppConfig(_Strict):
     max_concurrent_requests: int = Field(
         default=64,
         ge=1,
-        description="Generations one ingress replica works on at once; beyond it a request gets 429 "
+        description="Generations (streams included) one ingress replica works on at once; beyond it a request gets 429 "
         "server_overloaded with Retry-After at once instead of waiting in an unbounded queue.",
     )
     request_deadline_s: float = Field(
         default=300.0,
         gt=0,
-        description="Per-request deadline for non-streaming generations; past it the client gets 504 "
-        "(x-should-retry: false). Keep it below the HTTP timeout (http_options.request_timeout_s) and clients' timeouts.",
+        description="Per-request deadline, streams included; past it the client gets 504 "
+        "(x-should-retry: false; a stream gets it as an error event). Keep it below the HTTP timeout (http_options.request_timeout_s) and clients' timeouts.",
     )
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body accepted (413 beyond).")
     png_compress_level: int = Field(
@@ -358,7 +410,26 @@ class AppConfig(_Strict):
         le=3,
         description="Deflate effort for PNG output (ISA-L level 0-3): higher gives smaller files and takes longer.",
     )
-    stages: StagesConfig = Field(default_factory=StagesConfig, description="Deployment options per stage.")
+    stages: StagesConfig = Field(
+        default_factory=lambda: StagesConfig.model_validate({}),
+        description="Deployment options per stage; each stage's keys override its defaults one by one.",
+    )
+
+    @model_validator(mode="after")
+    def _ingress_admits_before_ray_queues(self) -> "AppConfig":
+        ingress = self.stages.ingress
+        if ingress.max_ongoing_requests <= self.max_concurrent_requests:
+            raise ValueError(
+                f"stages.ingress.max_ongoing_requests ({ingress.max_ongoing_requests}) must be larger than "
+                f"max_concurrent_requests ({self.max_concurrent_requests}): requests beyond Ray's limit wait in "
+                "its queue and never reach the ingress's 429."
+            )
+        if ingress.max_queued_requests is not None:
+            raise ValueError(
+                "stages.ingress.max_queued_requests must be left unset: Ray answers the ingress's overflow in "
+                "plain text; max_concurrent_requests bounds the ingress instead."
+            )
+        return self
 
     @property
     def data_path(self) -> Path:

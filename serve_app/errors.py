@@ -128,6 +128,20 @@ def model_unavailable(model_id: str) -> OpenAIError:
     )
 
 
+MODEL_LOADING_RETRY_AFTER_S = 10
+
+
+def model_not_ready(model_id: str) -> OpenAIError:
+    """The model's stages are starting (or being replaced) and have no replica that can take work yet."""
+    return OpenAIError(
+        503,
+        f"The model '{model_id}' is still loading. Retry after a short wait.",
+        param="model",
+        code="model_not_ready",
+        headers={"Retry-After": str(MODEL_LOADING_RETRY_AFTER_S)},
+    )
+
+
 def request_id_of(request: Request) -> str:
     return getattr(request.state, "request_id", None) or request.headers.get("x-request-id", "")
 

@@ -46,6 +46,9 @@ class Denoiser(ModelStage):
             if kind == "preview":
                 await asyncio.sleep(PREVIEW_SEND_S)
 
+    def probe(self) -> bool:
+        return self.denoiser.probe()
+
     def describe(self) -> dict[str, Any]:
         steps = self.denoiser.steps_run if hasattr(self, "denoiser") else 0
         return {**super().describe(), "steps_run": steps, "last_batch_cpu_per_wall": self.batches.last_cpu_per_wall if hasattr(self, "batches") else None}

@@ -13,7 +13,8 @@ import json
 import logging
 import os
 import time
-from typing import Any
+import weakref
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,6 +26,7 @@ from serve_app.errors import (
     OpenAIError,
     deadline_exceeded,
     install_error_handlers,
+    model_not_ready,
     model_unavailable,
     request_id_of,
     server_overloaded,
@@ -48,6 +50,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 # How long the ingress trusts its stages' answer to "can you serve?".
 HEALTH_TTL_S = 30.0
+# How long it trusts that every stage of a pipeline has a running replica.
+RUNNING_TTL_S = 5.0
 
 
 class ImagesIngress:
@@ -79,8 +83,10 @@ class ImagesIngress:
         # Held only so that Serve deploys the sweeper with this graph; never called.
         self.sweeper = sweeper
         self._health: dict[str, tuple[float, str | None]] = {}
+        self._running_since: dict[str, float] = {}
+        self._asking_starting: dict[str, asyncio.Future] = {}
         self.created = int(time.time())
-        self.in_flight = 0  # non-streaming generations being worked on
+        self.in_flight = 0  # generations (streams included) being worked on
         self.moderator: Moderator = (
             PatternModerator.from_file(resolve_path(registry.moderation)) if registry.moderation else AllowAll()
         )
@@ -98,6 +104,24 @@ class ImagesIngress:
         base = (self.config.public_base_url or str(request.base_url)).rstrip("/")
         expires, sig = self.signer.sign(name)
         return f"{base}/v1/images/files/{name}?expires={expires}&sig={sig}"
+
+    async def stages_starting(self, pipeline: str) -> list[str]:
+        """The pipeline's deployments without a running replica; trusted for RUNNING_TTL_S once all run."""
+        seen = self._running_since.get(pipeline)
+        if seen is not None and time.monotonic() - seen < RUNNING_TTL_S:
+            return []
+        # Requests that arrive together share one question to the controller.
+        asking = self._asking_starting.get(pipeline)
+        if asking is None or asking.done():
+            asking = self._asking_starting[pipeline] = asyncio.ensure_future(self.stages[pipeline].stages_starting())
+        try:
+            starting = await asyncio.shield(asking)
+        except Exception as exc:  # noqa: BLE001 - the controller is unreachable: do not refuse work for it
+            logger.warning("could not ask Serve whether pipeline %s is running: %s", pipeline, exc)
+            return []
+        if not starting:
+            self._running_since[pipeline] = time.monotonic()
+        return starting
 
     async def pipeline_problem(self, pipeline: str) -> str | None:
         """Why a pipeline cannot serve, or None; its stages are asked at most every HEALTH_TTL_S."""
@@ -119,15 +143,25 @@ class ImagesIngress:
         # overload is a fast, readable 429 rather than an ever longer queue.
         if self.in_flight >= self.config.max_concurrent_requests:
             raise server_overloaded("this ingress replica")
-        self.in_flight += 1
+        slot = _Slot(self)
         try:
-            return await self._create_image(body, request)
-        finally:
-            self.in_flight -= 1
+            response = await self._create_image(body, request, slot)
+        except BaseException:
+            slot.release()
+            raise
+        if isinstance(response, StreamingResponse):
+            # The stream holds the slot until it ends. A stream that never
+            # starts (its client left at once) releases it when collected.
+            weakref.finalize(response.body_iterator, slot.release)
+        else:
+            slot.release()
+        return response
 
-    async def _create_image(self, body: ImageGenerationRequest, request: Request) -> Response:
+    async def _create_image(self, body: ImageGenerationRequest, request: Request, slot: "_Slot") -> Response:
         r = resolve_request(body, self.registry)
         request_id = request_id_of(request)
+        if await self.stages_starting(r.model.pipeline):
+            raise model_not_ready(r.model.id)
         if await self.pipeline_problem(r.model.pipeline):
             raise model_unavailable(r.model.id)
         logger.info(
@@ -149,7 +183,7 @@ class ImagesIngress:
         headers = {"x-ignored-parameters": ",".join(r.ignored)} if r.ignored else {}
         stages = self.stages[r.model.pipeline]
         if r.stream:
-            return StreamingResponse(self._sse(r, stages, request_id), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(self._sse(r, stages, request_id, slot), media_type="text/event-stream", headers=headers)
         try:
             result = await asyncio.wait_for(
                 generate(r, stages, lambda name: self._image_url(request, name)), self.config.request_deadline_s
@@ -160,19 +194,36 @@ class ImagesIngress:
         IMAGES.inc(r.n, tags={"model": r.model.id, "output_format": r.output_format})
         return JSONResponse(result.model_dump(exclude_none=True), headers=headers)
 
-    async def _sse(self, r, stages, request_id: str):
-        """Server-sent events; an error after the stream started is sent as a data event."""
+    async def _sse(self, r, stages, request_id: str, slot: "_Slot") -> AsyncIterator[str]:
+        """Server-sent events; an error after the stream started, the deadline
+        included, is sent as an error event."""
+        deadline = time.monotonic() + self.config.request_deadline_s
+        events = generate_stream(r, stages)
         try:
-            async for event in generate_stream(r, stages):
+            while True:
+                try:
+                    event = await asyncio.wait_for(anext(events), max(0.0, deadline - time.monotonic()))
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    # wait_for cancelled the stage call; the denoiser stops at its next step.
+                    raise deadline_exceeded(self.config.request_deadline_s) from None
                 if event.type == "image_generation.completed":
                     IMAGES.inc(1, tags={"model": r.model.id, "output_format": r.output_format})
                 yield f"event: {event.type}\ndata: {event.model_dump_json()}\n\n"
         except Exception as exc:  # noqa: BLE001 - the client must hear about it in-stream
             yield f"event: error\ndata: {json.dumps(to_openai_error(exc, request_id).body())}\n\n"
+        finally:
+            slot.release()
+            await events.aclose()
+
+    async def _problem_unless_starting(self, pipeline: str) -> str | None:
+        # Stages still starting cannot be asked (the call would wait for them); their models stay listed.
+        return None if await self.stages_starting(pipeline) else await self.pipeline_problem(pipeline)
 
     async def list_models(self) -> ModelList:
         names = list(self.registry.pipelines)
-        problems = dict(zip(names, await asyncio.gather(*(self.pipeline_problem(n) for n in names))))
+        problems = dict(zip(names, await asyncio.gather(*(self._problem_unless_starting(n) for n in names))))
         data = []
         for m in self.registry.models:
             if problems[m.pipeline]:
@@ -192,8 +243,15 @@ class ImagesIngress:
             )
         return ModelList(data=data)
 
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
+    async def health(self) -> Response:
+        """200 once every pipeline's stages have a running replica; 503
+        model_not_ready (with Retry-After) while some are starting, so that a
+        load balancer sends no traffic to a service that would refuse it."""
+        starting = [p for p in self.registry.pipelines if await self.stages_starting(p)]
+        if starting:
+            models = [m.id for m in self.registry.models if m.pipeline in starting]
+            return model_not_ready(models[0] if len(models) == 1 else ", ".join(models)).response()
+        return JSONResponse({"status": "ok"})
 
     async def get_image(self, name: str, expires: str | None = Query(None), sig: str | None = Query(None)) -> Response:
         # A missing or malformed signature is a bad signature (403), not a bad request.
@@ -209,6 +267,20 @@ class ImagesIngress:
             raise OpenAIError(404, "No such image.", code="not_found")
         ext = name.rsplit(".", 1)[1]
         return Response(data, media_type=CONTENT_TYPES[ext], headers={"Cache-Control": "private, max-age=3600"})
+
+
+class _Slot:
+    """One admitted generation's place in the ingress's concurrency limit; released once."""
+
+    def __init__(self, ingress: ImagesIngress):
+        self._ingress = ingress
+        self._held = True
+        ingress.in_flight += 1
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._ingress.in_flight -= 1
 
 
 def build_api(ingress: ImagesIngress) -> FastAPI:

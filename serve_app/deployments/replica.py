@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -89,20 +90,56 @@ class ModelStage:
             raise ModelUnavailable(self._problem)
         use_torch_threads(self.options)
 
+    def probe(self) -> bool:
+        """One forward pass of the stage's model on its smallest input; True
+        when the output is finite. Each stage defines it."""
+        raise NotImplementedError
+
+    async def check_health(self) -> None:
+        """Called by Ray every ``health_check_period_s``; raising marks the
+        replica unhealthy and Ray replaces it.
+
+        It runs a real forward pass (cheap: the smallest input) rather than
+        only answering, so weights that went bad (NaNs, a corrupted device)
+        are noticed. It runs on the event loop like all compute here, so it is
+        answered between denoising steps, never in the middle of one.
+        """
+        if self._problem is not None:
+            return  # it stays up to report why (problem()); a new replica would fail the same way
+        use_torch_threads(self.options)
+        if not self.probe():
+            raise RuntimeError(f"{type(self).__name__}: a forward pass on the smallest input gave non-finite values")
+
+    def inject_fault(self) -> None:
+        """The fault switch of the health-check test: every weight becomes NaN.
+        Refused unless the stage's config sets ``fault_injection``."""
+        if not self.options.fault_injection:
+            raise PermissionError("fault injection is off for this stage (stages.<stage>.fault_injection)")
+        logger.warning("%s: fault injected, every weight is now NaN", type(self).__name__)
+        with torch.no_grad():
+            for module in held_modules(self):
+                for param in module.parameters():
+                    param.fill_(float("nan"))
+
     def describe(self) -> dict[str, Any]:
         """What this replica actually runs with, for tests and debugging."""
-        return {"modules": held_module_classes(self), "torch_threads": torch.get_num_threads(), "problem": self._problem}
+        return {
+            "modules": sorted({type(m).__name__ for m in held_modules(self)}),
+            "torch_threads": torch.get_num_threads(),
+            "problem": self._problem,
+            "pid": os.getpid(),
+        }
 
 
-def held_module_classes(obj: Any) -> list[str]:
-    """Class names of the torch modules an object holds (attributes, and
-    containers of them, a few levels deep). Used to prove that a stage
-    loaded only its own components."""
-    found: set[str] = set()
+def held_modules(obj: Any) -> list[torch.nn.Module]:
+    """The torch modules an object holds (attributes, and containers of
+    them, a few levels deep). Used to prove that a stage loaded only its own
+    components, and by the fault switch."""
+    found: dict[int, torch.nn.Module] = {}
 
     def visit(value: Any, depth: int) -> None:
         if isinstance(value, torch.nn.Module):
-            found.add(type(value).__name__)
+            found[id(value)] = value
         elif depth > 0 and isinstance(value, (list, tuple)):
             for v in value:
                 visit(v, depth - 1)
@@ -114,7 +151,7 @@ def held_module_classes(obj: Any) -> list[str]:
                 visit(v, depth - 1)
 
     visit(obj, 5)
-    return sorted(found)
+    return list(found.values())
 
 
 def optimize_module(module: torch.nn.Module, options: StageOptions, device: str) -> torch.nn.Module:

@@ -16,6 +16,7 @@ import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import numpy as np
+from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
@@ -73,6 +74,30 @@ class HandleStages:
 
     async def discard(self, names: list[str]) -> None:
         await self._pp.discard.remote(names)
+
+    async def stages_starting(self) -> list[str]:
+        """This pipeline's deployments that have no running replica yet (starting
+        up, or replacing the one that died), from Serve's controller.
+
+        Asked before any call to them: Ray routes requests to the ingress as
+        soon as it runs, while a model stage may still be loading, and a call
+        to a stage without replicas waits, with no answer, until one is up.
+        Outside a Serve replica (in-process tests) there is nothing to ask.
+        """
+        handles = (self._te, self._dn, self._vae, self._pp)
+        names = [getattr(h, "deployment_name", None) for h in handles]
+        if not all(isinstance(n, str) for n in names):
+            return []
+        status = await asyncio.to_thread(serve.status)
+        app = status.applications.get(self._te.app_name)
+        if app is None:
+            return list(names)
+        def running(name: str) -> int:
+            states = app.deployments[name].replica_states if name in app.deployments else {}
+            # Keys are Serve's ReplicaState enum, whose values are the state names.
+            return sum(count for state, count in states.items() if getattr(state, "value", state) == "RUNNING")
+
+        return [n for n in names if not running(n)]
 
     async def problem(self) -> str | None:
         """Why this pipeline's model stages cannot serve, or None."""

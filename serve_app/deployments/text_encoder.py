@@ -20,3 +20,6 @@ class TextEncoder(ModelStage):
         # Computes on the event-loop thread, as the other model stages do (see replica.use_torch_threads).
         self.ready()
         return self.encoder.encode(prompt, count_prompt=count_prompt)
+
+    def probe(self) -> bool:
+        return self.encoder.probe()

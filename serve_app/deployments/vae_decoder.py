@@ -22,3 +22,6 @@ class VaeDecoder(ModelStage):
     async def decode(self, latents: np.ndarray) -> np.ndarray:
         self.ready()
         return await self.batches.run(latents, len(latents))
+
+    def probe(self) -> bool:
+        return self.decoder.probe()

@@ -41,6 +41,12 @@ class LatentDecoder:
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
+    def probe(self) -> bool:
+        """Decode the smallest latent; True when the pixels are finite."""
+        z = torch.zeros(1, self.vae.config.latent_channels, 4, 4, device=self.device, dtype=self.dtype)
+        return bool(torch.isfinite(self.vae.decode(z).sample).all())
+
+    @torch.inference_mode()
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(n, C, h, w) float latents -> (n, H, W, 3) uint8 RGB."""
         z = torch.from_numpy(latents).to(self.device, self.dtype)

@@ -37,6 +37,22 @@ class LatentDenoiser:
     def loaded_components(self) -> list[str]:
         return ["unet", "scheduler"]
 
+    @torch.inference_mode()
+    def probe(self) -> bool:
+        """One UNet forward on an 8x8 latent with empty conditioning; True when finite."""
+        config = self.unet.config
+        latents = torch.zeros(1, self.latent_channels, 8, 8, device=self.device, dtype=self.dtype)
+        cond = torch.zeros(1, 4, config.cross_attention_dim, device=self.device, dtype=self.dtype)
+        added = None
+        if self.layout.is_sdxl:
+            pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            added = {
+                "text_embeds": torch.zeros(1, pooled_dim, device=self.device, dtype=self.dtype),
+                "time_ids": torch.zeros(1, 6, device=self.device, dtype=self.dtype),
+            }
+        out = self.unet(latents, 500, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+        return bool(torch.isfinite(out).all())
+
     def initial_noise(self, seeds: list[int], height: int, width: int) -> torch.Tensor:
         """Per-image noise drawn on the CPU from each image's own generator, as
         diffusers does with a list of generators: an image depends only on its

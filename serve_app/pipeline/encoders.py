@@ -45,6 +45,11 @@ class PromptEncoder:
             hidden.append(out.hidden_states[-2])
         return torch.cat(hidden, dim=-1), pooled
 
+    def probe(self) -> bool:
+        """Encode the empty prompt; True when the embeddings are finite."""
+        embeds = self.encode("")
+        return bool(np.isfinite(embeds.prompt_embeds).all())
+
     @torch.inference_mode()
     def encode(self, prompt: str, negative_prompt: str = "", count_prompt: str | None = None) -> PromptEmbeddings:
         """``count_prompt`` is the text whose tokens are reported (the user's

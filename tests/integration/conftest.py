@@ -12,7 +12,8 @@ from tests.conftest import TEST_API_KEY
 STAGE_OPTIONS = {
     "ingress": {"ray_actor_options": {"num_cpus": 0.1}},
     "text_encoder": {"ray_actor_options": {"num_cpus": 0.25}, "torch_threads": 2},
-    "denoiser": {"ray_actor_options": {"num_cpus": 0.25}, "torch_threads": 2},
+    # Health-checked every second, with the fault switch on (tests/integration/test_faults.py).
+    "denoiser": {"ray_actor_options": {"num_cpus": 0.25}, "torch_threads": 2, "health_check_period_s": 1, "fault_injection": True},
     "vae_decoder": {"ray_actor_options": {"num_cpus": 0.25}, "torch_threads": 2},
     "post_processor": {"ray_actor_options": {"num_cpus": 0.1}},
 }

@@ -67,3 +67,42 @@ def test_deadline_gives_504_that_should_not_be_retried(ingress_client, monkeypat
     resp = ingress_client.post("/v1/images/generations", json={"prompt": "otter"})
     assert resp.status_code == 504 and resp.headers["x-should-retry"] == "false"
     assert resp.json()["error"]["code"] == "deadline_exceeded"
+
+
+def _slow_stream(seconds: float):
+    async def stream(*args, **kwargs):
+        await asyncio.sleep(seconds)
+        return
+        yield  # makes this an async generator that ends without events
+
+    return stream
+
+
+def test_a_stream_past_the_deadline_ends_with_a_504_error_event(ingress_client, monkeypatch):
+    import serve_app.deployments.ingress as ingress_module
+
+    monkeypatch.setattr(ingress_module, "generate_stream", _slow_stream(5))
+    monkeypatch.setattr(ingress_client.instance.config, "request_deadline_s", 0.2)
+    resp = ingress_client.post("/v1/images/generations", json={"model": "gpt-image-1", "prompt": "otter", "stream": True})
+    assert resp.status_code == 200
+    event, data = resp.text.strip().split("\n")
+    assert event == "event: error" and '"code": "deadline_exceeded"' in data
+    assert ingress_client.instance.in_flight == 0  # the stream gave its slot back
+
+
+def test_a_running_stream_holds_an_admission_slot(ingress_client, monkeypatch):
+    import serve_app.deployments.ingress as ingress_module
+
+    monkeypatch.setattr(ingress_module, "generate_stream", _slow_stream(1.5))
+    monkeypatch.setattr(ingress_client.instance.config, "max_concurrent_requests", 1)
+    body = {"model": "gpt-image-1", "prompt": "otter", "stream": True}
+    from concurrent.futures import ThreadPoolExecutor
+    import time
+
+    with ThreadPoolExecutor(1) as ex:
+        first = ex.submit(ingress_client.post, "/v1/images/generations", json=body)
+        time.sleep(0.5)
+        second = ingress_client.post("/v1/images/generations", json=body)
+        first.result()
+    assert second.status_code == 429 and second.json()["error"]["code"] == "server_overloaded"
+    assert ingress_client.instance.in_flight == 0

@@ -1,0 +1,122 @@
+"""Model stages that sleep instead of computing, for fault tests on the real graph.
+
+They are the real deployment classes (TextEncoder, Denoiser, VaeDecoder) with
+only the model swapped for a stand-in: batching, cancellation between steps,
+readiness, health checks and every Ray Serve mechanism stay the real ones,
+while a request costs sleep, not CPU, so bursts of many requests fit a
+2-core machine and a test's timing does not depend on the machine's load.
+
+``stub_model_stages(step_s=..., load_s=...)`` returns the classes to pass as
+``build_app(args, model_stages=...)``. Outputs are deterministic in the seed
+and have the real shapes (latents 1/8 of the image, uint8 RGB pixels).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from serve_app.deployments.denoiser import Denoiser
+from serve_app.deployments.text_encoder import TextEncoder
+from serve_app.deployments.vae_decoder import VaeDecoder
+from serve_app.pipeline.components import PipelineLayout
+from serve_app.pipeline.types import DenoiseJob, PromptEmbeddings
+
+LATENT_CHANNELS = 4
+SCALE = 8
+
+
+class SleepyEncoder:
+    def encode(self, prompt: str, negative_prompt: str = "", count_prompt: str | None = None) -> PromptEmbeddings:
+        rng = np.random.default_rng(zlib.crc32(prompt.encode()))
+        embeds = rng.standard_normal((1, 8, 16), dtype=np.float32)
+        return PromptEmbeddings(
+            prompt_embeds=embeds,
+            negative_prompt_embeds=np.zeros_like(embeds),
+            token_count=len((count_prompt if count_prompt is not None else prompt).split()),
+            encoded_prompt=prompt,
+        )
+
+    def probe(self) -> bool:
+        return True
+
+
+class SleepyDenoiser:
+    """Sleeps ``step_s`` per denoising step (blocking, as real compute does)."""
+
+    def __init__(self, step_s: float):
+        self.step_s = step_s
+        self.steps_run = 0
+
+    def _latents(self, job: DenoiseJob) -> np.ndarray:
+        shape = (LATENT_CHANNELS, job.height // SCALE, job.width // SCALE)
+        return np.stack([np.random.default_rng(s).standard_normal(shape, dtype=np.float32) for s in job.seeds])
+
+    def _step(self) -> None:
+        time.sleep(self.step_s)
+        self.steps_run += 1
+
+    def denoise_many_steps(self, jobs: list[DenoiseJob]) -> Iterator[list[np.ndarray] | None]:
+        for _ in range(max(j.steps for j in jobs)):
+            self._step()
+            yield None
+        yield [self._latents(j) for j in jobs]
+
+    def denoise_steps(self, job: DenoiseJob, preview_steps: list[int]) -> Iterator[tuple[str, np.ndarray]]:
+        for i in range(1, job.steps + 1):
+            self._step()
+            if i in preview_steps and i < job.steps:
+                yield "preview", self._latents(job)
+        yield "final", self._latents(job)
+
+    def probe(self) -> bool:
+        return True
+
+
+class SleepyDecoder:
+    def __init__(self, batch_s: float):
+        self.batch_s = batch_s
+
+    def decode_many(self, batch: list[np.ndarray]) -> list[np.ndarray]:
+        time.sleep(self.batch_s)
+        return [self.decode(latents) for latents in batch]
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        n, _, h, w = latents.shape
+        gray = ((latents[:, 0] > 0) * 255).astype(np.uint8).repeat(SCALE, 1).repeat(SCALE, 2)
+        return np.ascontiguousarray(np.broadcast_to(gray[..., None], (n, h * SCALE, w * SCALE, 3)))
+
+    def probe(self) -> bool:
+        return True
+
+
+def stub_model_stages(step_s: float = 0.05, decode_s: float = 0.02, load_s: float = 0.0) -> dict[str, type]:
+    """The three model stage classes with sleeping models; ``load_s`` is how
+    long each replica takes to "load" (in its constructor, as a real one does)."""
+
+    class StubTextEncoder(TextEncoder):
+        def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
+            time.sleep(load_s)
+            self.encoder = SleepyEncoder()
+
+    class StubDenoiser(Denoiser):
+        def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
+            from serve_app.deployments.batching import BatchRunner
+
+            time.sleep(load_s)
+            self.denoiser = SleepyDenoiser(step_s)
+            self.batches = BatchRunner("denoiser", self.denoiser.denoise_many_steps, self.options, stepwise=True)
+
+    class StubVaeDecoder(VaeDecoder):
+        def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
+            from serve_app.deployments.batching import BatchRunner
+
+            time.sleep(load_s)
+            self.decoder = SleepyDecoder(decode_s)
+            self.batches = BatchRunner("vae_decoder", self.decoder.decode_many, self.options)
+
+    return {"text_encoder": StubTextEncoder, "denoiser": StubDenoiser, "vae_decoder": StubVaeDecoder}
