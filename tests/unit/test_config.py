@@ -34,9 +34,13 @@ def test_gpu_profile_packs_stages_on_one_gpu():
     assert gpus["denoiser"] == max(gpus.values())
 
 
-def test_shipped_cpu_profile_binds_loopback():
-    cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    assert cfg["http_options"] == {"host": "127.0.0.1", "port": 8000}
+@pytest.mark.parametrize("path", ["serve_config.yaml", "configs/serve_config.gpu.yaml"])
+def test_shipped_profiles_bind_loopback_and_time_out_after_the_app_deadline(path):
+    cfg = yaml.safe_load((ROOT / path).read_text())
+    assert cfg["http_options"]["host"] == "127.0.0.1" and cfg["http_options"]["port"] == 8000
+    config, _ = load_app_config(shipped_args(path))
+    # The app's 504 must come before the proxy's plain-text 408.
+    assert cfg["http_options"]["request_timeout_s"] > config.request_deadline_s
 
 
 def registry(**over) -> dict:
