@@ -98,3 +98,27 @@ def test_storage_and_cache_defaults_and_limits():
     assert AppConfig(model_cache_dir="/var/cache/models").model_cache_path == Path("/var/cache/models")
     with pytest.raises(ValidationError):
         AppConfig(url_ttl_s=8 * 24 * 3600)  # longer than an S3 presigned URL may live
+
+
+def test_a_stage_given_in_part_keeps_its_other_defaults():
+    from serve_app.config import AppConfig
+
+    config = AppConfig.model_validate({"stages": {"denoiser": {"num_replicas": 2}, "ingress": {"ray_actor_options": {}}}})
+    assert config.stages.denoiser.num_replicas == 2 and config.stages.denoiser.torch_threads == 2
+    assert config.stages.ingress.max_ongoing_requests == 256
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ({"max_concurrent_requests": 64, "stages": {"ingress": {"max_ongoing_requests": 64}}}, "must be larger"),
+        ({"stages": {"ingress": {"max_queued_requests": 10}}}, "must be left unset"),
+    ],
+)
+def test_ingress_limits_that_would_hide_the_429_are_refused(args, words):
+    from pydantic import ValidationError
+
+    from serve_app.config import AppConfig
+
+    with pytest.raises(ValidationError, match=words):
+        AppConfig.model_validate(args)
