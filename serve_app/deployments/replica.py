@@ -23,9 +23,11 @@ def use_torch_threads(options: StageOptions) -> None:
     Ray sets OMP_NUM_THREADS to the actor's num_cpus (1 for fractions); with
     PyTorch's OpenMP backend the count is per thread, so it is set again at
     each compute entry point (it costs microseconds). The model stages also
-    compute on the replica's event-loop thread rather than a thread pool:
-    measured on a 2-core CPU, PyTorch's intra-op parallelism barely engages
-    on pool threads (see serve_app/deployments/batching.py).
+    compute on the replica's event-loop thread, where Ray runs the
+    constructor too, rather than on a thread pool: once two threads of a
+    process have run parallel torch code, GNU OpenMP keeps two thread teams
+    and throttles them (measured: 2.6x slower per UNet call, under one core
+    busy; docs/benchmarks.md).
     """
     if options.torch_threads:
         torch.set_num_threads(options.torch_threads)
