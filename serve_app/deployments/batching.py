@@ -4,8 +4,10 @@ Calls that arrive while a batch is forming (up to ``batch_wait_timeout_s``
 after the first, and up to ``max_batch_size`` images) run as one call of
 ``compute(list_of_inputs) -> list_of_outputs``; the stage code then groups
 them by shape. A request larger than the limit runs on its own. Compute runs
-in a worker thread, so the replica's event loop keeps accepting (and
-batching) new calls meanwhile, and only one batch computes at a time.
+on the replica's event-loop thread (see replica.use_torch_threads for why):
+calls that arrive while a batch computes wait for the loop and form the
+next batch; a stepwise compute gives the loop a turn between steps. Only
+one batch computes at a time.
 
 A queue of our own rather than ``@serve.batch``: Ray keeps one queue per
 decorated function per process, which two stages in one process (as in the
