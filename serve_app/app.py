@@ -4,7 +4,7 @@ Deployment classes are plain classes; this is the one place that turns them
 into Ray Serve deployments, with options from the validated config, and binds
 the graph: per pipeline a TextEncoder, a Denoiser and a VaeDecoder; one
 PostProcessor; one ImageSweeper when the image store is swept; one
-ImagesIngress in front.
+RateLimiter when rate limits are set; one ImagesIngress in front.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from serve_app.config import load_app_config
 from serve_app.deployments.denoiser import Denoiser
 from serve_app.deployments.ingress import ImagesIngress
 from serve_app.deployments.post_processor import PostProcessor
+from serve_app.deployments.rate_limiter import RateLimiter
 from serve_app.deployments.sweeper import ImageSweeper
 from serve_app.deployments.text_encoder import TextEncoder
 from serve_app.deployments.vae_decoder import VaeDecoder
@@ -60,10 +61,18 @@ def build_app(args: dict[str, Any] | None = None, model_stages: dict[str, type] 
         if config.sweeps_image_store
         else None
     )
+    # Exactly one replica: every ingress replica counts against the same windows.
+    rate_limiter = (
+        serve.deployment(RateLimiter, name="RateLimiter", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
+            config.rate_limits
+        )
+        if config.rate_limits.enabled
+        else None
+    )
     # Generated once here, not per replica, so every ingress replica accepts
     # every other one's URLs.
     signing_key = resolve_signing_key(config.url_signing_key)
     ingress = serve.deployment(
         serve.ingress()(ImagesIngress), name="ImagesIngress", **stages.ingress.deployment_options()
     )
-    return ingress.bind(config, registry, signing_key, pipelines, post_processor, sweeper)
+    return ingress.bind(config, registry, signing_key, pipelines, post_processor, sweeper, rate_limiter)

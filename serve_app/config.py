@@ -343,6 +343,21 @@ class StagesConfig(_Strict):
         return {**data, **merged}
 
 
+class RateLimits(_Strict):
+    """Per API key (per client address when no key is configured), over a sliding minute."""
+
+    requests_per_minute: int | None = Field(
+        default=None, ge=1, description="Generation requests one key may make per minute; unset: no limit."
+    )
+    images_per_minute: int | None = Field(
+        default=None, ge=1, description="Images (the sum of n) one key may ask for per minute; unset: no limit."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.requests_per_minute is not None or self.images_per_minute is not None
+
+
 class AppConfig(_Strict):
     """The `args:` of the application in serve_config.yaml."""
 
@@ -402,6 +417,10 @@ class AppConfig(_Strict):
         gt=0,
         description="Per-request deadline, streams included; past it the client gets 504 "
         "(x-should-retry: false; a stream gets it as an error event). Keep it below the HTTP timeout (http_options.request_timeout_s) and clients' timeouts.",
+    )
+    rate_limits: RateLimits = Field(
+        default_factory=RateLimits,
+        description="Per-key limits, shared by all ingress replicas; beyond them 429 rate_limit_exceeded with Retry-After.",
     )
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body accepted (413 beyond).")
     png_compress_level: int = Field(

@@ -97,6 +97,17 @@ def server_overloaded(what: str) -> OpenAIError:
     )
 
 
+def rate_limit_exceeded(retry_after_s: int, headers: dict[str, str]) -> OpenAIError:
+    """This API key used up its requests or images for the minute."""
+    return OpenAIError(
+        429,
+        f"Rate limit reached for this API key. Retry after {retry_after_s} seconds.",
+        type="rate_limit_exceeded",
+        code="rate_limit_exceeded",
+        headers={**headers, "Retry-After": str(retry_after_s)},
+    )
+
+
 def stage_unavailable(stage: str) -> OpenAIError:
     """A model stage failed twice (e.g. its replica died): tell the client to come back."""
     return OpenAIError(

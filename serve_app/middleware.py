@@ -63,7 +63,7 @@ class RequestGuard:
         root = scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root) :] or "/"
-        error = self._check(path, headers)
+        error = self._check(path, headers, scope["state"])
         if error is not None:
             await error.response()(scope, receive, send_with_id)
             return
@@ -104,14 +104,17 @@ class RequestGuard:
                 raise
             await to_openai_error(exc, request_id).response()(scope, receive, send_with_id)
 
-    def _check(self, path: str, headers: dict[str, str]) -> OpenAIError | None:
+    def _check(self, path: str, headers: dict[str, str], state: dict) -> OpenAIError | None:
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
                 return OpenAIError(400, "Invalid Content-Length header.", code="invalid_content_length")
             if int(length) > self.settings.max_body_bytes:
                 return BodyTooLarge(self.settings.max_body_bytes)
-        if not path.startswith(PUBLIC_PREFIXES) and not self.settings.api_keys.check(headers.get("authorization")):
+        keys = self.settings.api_keys
+        # Which key it was (its digest) is what per-key rate limits count under.
+        state["api_key_id"] = keys.identify(headers.get("authorization")) if keys.enabled else None
+        if not path.startswith(PUBLIC_PREFIXES) and keys.enabled and state["api_key_id"] is None:
             return OpenAIError(
                 401,
                 "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",

@@ -47,16 +47,19 @@ class ApiKeys:
 
     def check(self, authorization: str | None) -> bool:
         """True if the Authorization header carries a configured key (always True when none is configured)."""
-        if not self.enabled:
-            return True
+        return not self.enabled or self.identify(authorization) is not None
+
+    def identify(self, authorization: str | None) -> str | None:
+        """The SHA-256 hex digest of the configured key the header carries, or None.
+        The digest, never the key, is what rate limits are kept under."""
         if not authorization or not authorization.startswith("Bearer "):
-            return False
+            return None
         presented = _digest(authorization[len("Bearer ") :].strip())
         # Compare against every key so timing does not reveal which matched.
         matched = False
         for d in self._digests:
             matched |= secrets.compare_digest(presented, d)
-        return matched
+        return presented.hex() if matched else None
 
 
 def resolve_signing_key(configured: str | None) -> str:

@@ -26,8 +26,10 @@ from serve_app.errors import (
     OpenAIError,
     deadline_exceeded,
     install_error_handlers,
+    invalid_request,
     model_not_ready,
     model_unavailable,
+    rate_limit_exceeded,
     request_id_of,
     server_overloaded,
     to_openai_error,
@@ -45,7 +47,7 @@ from serve_app.storage import ImageStore
 logger = logging.getLogger("serve_app")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 500, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 500, 503, 504)
 }
 
 # How long the ingress trusts its stages' answer to "can you serve?".
@@ -71,6 +73,7 @@ class ImagesIngress:
         pipelines: dict[str, dict[str, Any]],
         post_processor: Any,
         sweeper: Any = None,
+        rate_limiter: Any = None,
     ):
         self.config = config
         self.registry = registry
@@ -82,6 +85,8 @@ class ImagesIngress:
         }
         # Held only so that Serve deploys the sweeper with this graph; never called.
         self.sweeper = sweeper
+        # The RateLimiter deployment's handle when rate_limits are set (one window per key for all replicas).
+        self.rate_limiter = rate_limiter
         self._health: dict[str, tuple[float, str | None]] = {}
         self._running_since: dict[str, float] = {}
         self._asking_starting: dict[str, asyncio.Future] = {}
@@ -164,6 +169,7 @@ class ImagesIngress:
             raise model_not_ready(r.model.id)
         if await self.pipeline_problem(r.model.pipeline):
             raise model_unavailable(r.model.id)
+        headers = await self._admit_for_rate_limits(request, r.n)
         logger.info(
             "request %s: model=%s n=%d size=%s quality=%s stream=%s prompt_chars=%d user=%s",
             request_id,
@@ -180,7 +186,8 @@ class ImagesIngress:
         if blocked is not None:
             logger.info("request %s: prompt blocked by moderation (%s)", request_id, blocked)
             raise moderation_blocked(blocked)
-        headers = {"x-ignored-parameters": ",".join(r.ignored)} if r.ignored else {}
+        if r.ignored:
+            headers["x-ignored-parameters"] = ",".join(r.ignored)
         stages = self.stages[r.model.pipeline]
         if r.stream:
             return StreamingResponse(self._sse(r, stages, request_id, slot), media_type="text/event-stream", headers=headers)
@@ -193,6 +200,27 @@ class ImagesIngress:
             raise deadline_exceeded(self.config.request_deadline_s) from None
         IMAGES.inc(r.n, tags={"model": r.model.id, "output_format": r.output_format})
         return JSONResponse(result.model_dump(exclude_none=True), headers=headers)
+
+    async def _admit_for_rate_limits(self, request: Request, images: int) -> dict[str, str]:
+        """Count the request and its images against its key's minute, or refuse it
+        with 429 rate_limit_exceeded; returns the x-ratelimit-* headers."""
+        if self.rate_limiter is None:
+            return {}
+        limits = self.config.rate_limits
+        if limits.images_per_minute is not None and images > limits.images_per_minute:
+            raise invalid_request(
+                f"n={images} is more than the {limits.images_per_minute} images per minute this key may ask for.", "n"
+            )
+        # With no API keys configured, clients are told apart by address.
+        identity = getattr(request.state, "api_key_id", None) or f"addr:{request.client.host if request.client else '-'}"
+        try:
+            decision = await self.rate_limiter.acquire.remote(identity, images)
+        except Exception as exc:  # noqa: BLE001 - a lost limiter must not turn every request into an error
+            logger.warning("rate limiter unavailable, request admitted unlimited: %s", type(exc).__name__)
+            return {}
+        if not decision.allowed:
+            raise rate_limit_exceeded(decision.retry_after_s, decision.headers())
+        return decision.headers()
 
     async def _sse(self, r, stages, request_id: str, slot: "_Slot") -> AsyncIterator[str]:
         """Server-sent events; an error after the stream started, the deadline
