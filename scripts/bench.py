@@ -22,7 +22,6 @@ import argparse
 import base64
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -32,15 +31,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from local_graph import ROOT, pctl, serve_config_args, start_local_graph, stop_local_graph
 
 PROMPT = "A cute baby sea otter floating on its back"
-
-
-def pctl(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 def summarize(latencies: list[float], images: int, wall: float) -> dict:
@@ -51,12 +44,6 @@ def summarize(latencies: list[float], images: int, wall: float) -> dict:
         "wall_s": round(wall, 3),
         "images_per_s": round(images / wall, 3),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- models ---------------------------------------------------------------------------
@@ -170,13 +157,7 @@ def run_baseline(model_dir: Path, size: int, steps: int, guidance: float, n_seq:
 # --- graph ----------------------------------------------------------------------------
 
 def start_graph(serve_config: Path, model_dir: Path, size: int, steps: int, guidance: float, data_dir: Path) -> tuple[str, str]:
-    import ray
-    from ray import serve
-
-    from serve_app.app import build_app
-
-    cfg = yaml.safe_load(serve_config.read_text())
-    args = dict(cfg["applications"][0]["args"])
+    args = serve_config_args(serve_config)
     registry = {
         "pipelines": {
             "bench": {
@@ -196,11 +177,7 @@ def start_graph(serve_config: Path, model_dir: Path, size: int, steps: int, guid
     reg_path = data_dir / "bench-models.yaml"
     reg_path.write_text(yaml.safe_dump(registry))
     args.update(models=str(reg_path), data_dir=str(data_dir))
-    port = free_port()
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name="images", route_prefix="/")
-    return f"http://127.0.0.1:{port}/v1", "bench"
+    return start_local_graph(args) + "/v1", "bench"
 
 
 def run_graph(base_url: str, model: str, size: int, n_c1: int, n_c8: int) -> dict:
@@ -344,11 +321,7 @@ def main() -> None:
     print(f"c1 latency ratio {summary['c1_latency_ratio']} (target <= 1.10)   "
           f"c8 vs batched {summary['c8_vs_batched']} (>= 0.9)   c8 vs sequential {summary['c8_vs_sequential']} (>= 1.3)")
     print(f"wrote {out / f'bench-{stamp}.json'} and .png", flush=True)
-    import ray
-    from ray import serve
-
-    serve.shutdown()  # before the summary, so that the summary is the last line
-    ray.shutdown()
+    stop_local_graph()  # before the summary, so that the summary is the last line
     print(json.dumps(summary, separators=(",", ":")), flush=True)
 
 
