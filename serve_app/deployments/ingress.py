@@ -36,7 +36,14 @@ from serve_app.errors import (
 )
 from serve_app.deployments.stage_handles import HandleStages
 from serve_app.families import FAMILIES
-from serve_app.generation import generate, generate_stream, resolve_request, served_qualities, served_sizes
+from serve_app.generation import (
+    ResolvedRequest,
+    generate,
+    generate_stream,
+    resolve_request,
+    served_qualities,
+    served_sizes,
+)
 from serve_app.metrics import IMAGES
 from serve_app.moderation import AllowAll, Moderator, PatternModerator, moderation_blocked
 from serve_app.middleware import GuardSettings, RequestGuard
@@ -144,13 +151,15 @@ class ImagesIngress:
         return problem
 
     async def create_image(self, body: ImageGenerationRequest, request: Request) -> Response:
+        # The model's rules first: a bad request is a 400 even under overload.
+        r = resolve_request(body, self.registry)
         # Admission: refuse at once past the configured concurrency, so that
         # overload is a fast, readable 429 rather than an ever longer queue.
         if self.in_flight >= self.config.max_concurrent_requests:
             raise server_overloaded("this ingress replica")
         slot = _Slot(self)
         try:
-            response = await self._create_image(body, request, slot)
+            response = await self._create_image(r, body, request, slot)
         except BaseException:
             slot.release()
             raise
@@ -162,8 +171,7 @@ class ImagesIngress:
             slot.release()
         return response
 
-    async def _create_image(self, body: ImageGenerationRequest, request: Request, slot: "_Slot") -> Response:
-        r = resolve_request(body, self.registry)
+    async def _create_image(self, r: ResolvedRequest, body: ImageGenerationRequest, request: Request, slot: "_Slot") -> Response:
         request_id = request_id_of(request)
         if await self.stages_starting(r.model.pipeline):
             raise model_not_ready(r.model.id)

@@ -76,3 +76,11 @@ def test_logs_hold_no_key_prompt_or_user(ingress_client, caplog):
     assert "request" in text  # something was logged
     for secret in ("Bartholomew", "alice@example.com", TEST_API_KEY, "wrong-key-123"):
         assert secret not in text
+
+
+def test_a_request_breaking_the_model_rules_is_400_even_under_overload(ingress_client, monkeypatch):
+    monkeypatch.setattr(ingress_client.instance, "in_flight", ingress_client.instance.config.max_concurrent_requests)
+    resp = ingress_client.post(GEN, json={"model": "dall-e-3", "prompt": "otter", "n": 2})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "n"
+    ok_but_full = ingress_client.post(GEN, json={"model": "dall-e-3", "prompt": "otter"})
+    assert ok_but_full.status_code == 429
