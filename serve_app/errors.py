@@ -57,12 +57,19 @@ class OpenAIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {"error": {"message": _utf8(self.message), "type": self.type, "param": _utf8(self.param), "code": self.code}}
 
     def response(self) -> JSONResponse:
         """The HTTP response; every error response is made here, so it is also counted here."""
         ERRORS.inc(tags={"type": self.type, "status": str(self.status)})
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _utf8(text: str | None) -> str | None:
+    """Text a UTF-8 body can carry. Messages quote the client's own values (a
+    model id, a field name), and JSON lets a client send lone surrogates,
+    which no UTF-8 encoder takes: escaped here, or the error would be a 500."""
+    return text if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def invalid_request(message: str, param: str | None, code: str | None = None) -> OpenAIError:

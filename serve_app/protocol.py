@@ -30,7 +30,16 @@ MAX_PROMPT_CHARS = 32000
 class ImageGenerationRequest(BaseModel):
     """Body of ``POST /v1/images/generations``."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {"prompt": "A sea otter asleep on a kelp bed, watercolor", "model": "dall-e-2", "n": 2, "size": "256x256"},
+                {"prompt": "A lighthouse at dusk", "model": "gpt-image-1", "size": "1024x1024", "quality": "low"},
+                {"prompt": "A red fox in snow", "model": "gpt-image-1", "size": "1024x1024", "stream": True, "partial_images": 2},
+            ]
+        },
+    )
 
     prompt: StrictStr = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="Text description of the image(s).")
     model: StrictStr | None = Field(default=None, description="Model id; the configured default if absent.")
@@ -163,3 +172,19 @@ class ErrorResponse(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     error: ErrorDetail
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["ok"]
+
+
+# A streamed generation (``stream: true``) is a text/event-stream whose
+# events are named by their data's type: previews, then the completed image;
+# an error after the stream has started arrives as an ``error`` event.
+STREAM_EVENTS: dict[str, type[BaseModel]] = {
+    "image_generation.partial_image": PartialImageEvent,
+    "image_generation.completed": CompletedEvent,
+    "error": ErrorResponse,
+}

@@ -14,10 +14,12 @@ import logging
 import os
 import time
 import weakref
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
+from urllib.parse import quote
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic.json_schema import models_json_schema
 
 from serve_app.codecs import CONTENT_TYPES
 from serve_app.config import AppConfig, ModelRegistry
@@ -46,16 +48,62 @@ from serve_app.generation import (
 )
 from serve_app.metrics import IMAGES
 from serve_app.moderation import AllowAll, Moderator, PatternModerator, moderation_blocked
-from serve_app.middleware import GuardSettings, RequestGuard
-from serve_app.protocol import ErrorResponse, ImageGenerationRequest, ImagesResponse, Model, ModelList
+from serve_app.middleware import PUBLIC_PREFIXES, GuardSettings, RequestGuard
+from serve_app.protocol import (
+    STREAM_EVENTS,
+    ErrorResponse,
+    Health,
+    ImageGenerationRequest,
+    ImagesResponse,
+    Model,
+    ModelList,
+)
 from serve_app.security import API_KEYS_ENV, ApiKeys, UrlSigner, hash_for_log
 from serve_app.storage import ImageStore
 
 logger = logging.getLogger("serve_app")
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 500, 503, 504)
+# What each error status means here; every one has the OpenAI error body.
+_ERRORS: dict[int, str] = {
+    400: "Invalid request; `error.param` names the parameter, where there is one.",
+    401: "Missing or wrong API key.",
+    403: "Invalid or expired image URL signature.",
+    404: "No such image.",
+    413: "Request body over the server's size limit.",
+    429: "Over capacity (server_overloaded) or over this key's rate limit (rate_limit_exceeded); retry after `Retry-After` seconds.",
+    500: "Internal error; the message gives the request id.",
+    503: "Model loading or unavailable, a stage down, or the image store unavailable; most carry `Retry-After`.",
+    504: "Not finished within the server's deadline.",
 }
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse, "description": _ERRORS[status]} for status in statuses}
+
+
+# `stream: true` answers 200 with server-sent events: each event's `data` is
+# the JSON of the model its name says (OpenAPI before 3.2 has the schema of an
+# event-stream describe one event, as {event, data}).
+_EVENT_STREAM_SCHEMA = {
+    "oneOf": [
+        {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"const": name},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"$ref": f"#/components/schemas/{model.__name__}"},
+                },
+            },
+        }
+        for name, model in STREAM_EVENTS.items()
+    ]
+}
+
+# At most this much of the x-ignored-parameters header: a client can send thousands of unknown fields.
+MAX_IGNORED_HEADER_CHARS = 1024
 
 # How long the ingress trusts its stages' answer to "can you serve?".
 HEALTH_TTL_S = 30.0
@@ -194,8 +242,9 @@ class ImagesIngress:
         if blocked is not None:
             logger.info("request %s: prompt blocked by moderation (%s)", request_id, blocked)
             raise moderation_blocked(blocked)
-        if r.ignored:
-            headers["x-ignored-parameters"] = ",".join(r.ignored)
+        ignored = _ignored_header(r.ignored)
+        if ignored:
+            headers["x-ignored-parameters"] = ignored
         stages = self.stages[r.model.pipeline]
         if r.stream:
             return StreamingResponse(self._sse(r, stages, request_id, slot), media_type="text/event-stream", headers=headers)
@@ -305,6 +354,21 @@ class ImagesIngress:
         return Response(data, media_type=CONTENT_TYPES[ext], headers={"Cache-Control": "private, max-age=3600"})
 
 
+def _ignored_header(names: list[str]) -> str:
+    """The x-ignored-parameters value. Unknown field names are the client's
+    own text, so every name is percent-encoded as in a URL (a name outside
+    Latin-1 could not be sent in a header at all, and failed the request)."""
+    kept: list[str] = []
+    size = 0
+    for name in names:
+        quoted = quote(name, safe="")
+        size += len(quoted) + 1
+        if size > MAX_IGNORED_HEADER_CHARS + 1:
+            break
+        kept.append(quoted)
+    return ",".join(kept)
+
+
 class _Slot:
     """One admitted generation's place in the ingress's concurrency limit; released once."""
 
@@ -333,25 +397,64 @@ def build_api(ingress: ImagesIngress) -> FastAPI:
     # Clients that set base_url without /v1, and some proxies, use the aliases.
     for i, path in enumerate(("/v1/images/generations", "/images/generations", "/api/images/generations")):
         api.add_api_route(
-            path, ingress.create_image, methods=["POST"], response_model=ImagesResponse, responses=_ERRORS,
+            path, ingress.create_image, methods=["POST"], response_model=ImagesResponse,
+            responses={
+                200: {
+                    "description": "The images; with `stream: true`, server-sent events.",
+                    "content": {"text/event-stream": {"schema": _EVENT_STREAM_SCHEMA}},
+                },
+                **_errors(400, 401, 413, 429, 500, 503, 504),
+            },
             include_in_schema=i == 0, operation_id=None if i == 0 else f"create_image_alias_{i}",
         )
     for i, path in enumerate(("/v1/models", "/models")):
         api.add_api_route(
             path, ingress.list_models, methods=["GET"], response_model=ModelList,
-            response_model_exclude_none=True, include_in_schema=i == 0,
+            response_model_exclude_none=True, responses=_errors(401, 500), include_in_schema=i == 0,
         )
     for i, path in enumerate(("/health", "/v1/health")):
-        api.add_api_route(path, ingress.health, methods=["GET"], include_in_schema=i == 0)
+        api.add_api_route(
+            path, ingress.health, methods=["GET"], response_model=Health, responses=_errors(500, 503),
+            include_in_schema=i == 0,
+        )
     api.add_api_route(
         "/v1/images/files/{name}",
         ingress.get_image,
         methods=["GET"],
         response_class=Response,
-        responses={
-            200: {"content": {v: {} for v in CONTENT_TYPES.values()}},
-            403: {"model": ErrorResponse},
-            404: {"model": ErrorResponse},
-        },
+        responses={200: {"content": {v: {} for v in CONTENT_TYPES.values()}}, **_errors(403, 404, 500)},
     )
+    api.openapi = _openapi(api)
     return api
+
+
+def _openapi(api: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI's document, told what the middleware and error mapper do that
+    FastAPI cannot see: the API key (RequestGuard), validation errors answered
+    400 (errors.validation_error) rather than 422, and the stream's event models."""
+    generate = api.openapi
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is not None:
+            return api.openapi_schema
+        doc = generate()
+        components = doc.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        _, events = models_json_schema(
+            [(m, "serialization") for m in STREAM_EVENTS.values()], ref_template="#/components/schemas/{model}"
+        )
+        for name, schema in events.get("$defs", {}).items():
+            schemas.setdefault(name, schema)
+        components["securitySchemes"] = {
+            "apiKey": {"type": "http", "scheme": "bearer", "description": "An API key: `Authorization: Bearer <key>`."}
+        }
+        for path, operations in doc.get("paths", {}).items():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+                if not path.startswith(PUBLIC_PREFIXES):
+                    operation["security"] = [{"apiKey": []}]
+        return doc
+
+    return openapi

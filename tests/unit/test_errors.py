@@ -11,6 +11,12 @@ def test_envelope_shape():
     assert err.body() == {"error": {"message": "bad n", "type": "invalid_request_error", "param": "n", "code": "invalid_value"}}
 
 
+def test_lone_surrogates_from_the_client_are_escaped():
+    err = OpenAIError(400, "The model '\udc00' does not exist.", param="model\ud800")
+    assert err.response().body.decode("utf-8") and err.body()["error"]["message"] == "The model '\\udc00' does not exist."
+    assert err.body()["error"]["param"] == "model\\ud800"
+
+
 def test_validation_error_names_nested_param():
     exc = RequestValidationError([{"loc": ("body", "items", 2, "name"), "msg": "bad", "type": "string_type", "input": 5}])
     err = to_openai_error(exc)

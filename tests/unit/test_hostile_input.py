@@ -84,3 +84,23 @@ def test_a_request_breaking_the_model_rules_is_400_even_under_overload(ingress_c
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "n"
     ok_but_full = ingress_client.post(GEN, json={"model": "dall-e-3", "prompt": "otter"})
     assert ok_but_full.status_code == 429
+
+
+def test_unknown_field_names_are_percent_encoded_in_the_header(ingress_client):
+    # A name outside Latin-1 cannot go in a header as it is: it was a 500.
+    fields = {"\U0008eb3d\r\nx": 1, "a,b": 2, "é": 3}
+    resp = ingress_client.post(GEN, json={"prompt": "otter", "size": "256x256", "response_format": "b64_json", **fields})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-ignored-parameters"] == "a%2Cb,%C3%A9,%F2%8E%AC%BD%0D%0Ax"
+    # Thousands of unknown fields make a bounded header, not a huge one.
+    many = {f"field_{i:04d}": 1 for i in range(2000)}
+    resp = ingress_client.post(GEN, json={"prompt": "otter", "size": "256x256", "response_format": "b64_json", **many})
+    assert resp.status_code == 200 and 0 < len(resp.headers["x-ignored-parameters"]) <= 1024
+
+
+def test_a_lone_surrogate_in_a_value_is_a_400(ingress_client):
+    # JSON lets a client send "\udc00"; quoted back in the error message it
+    # could not be encoded as UTF-8, and the 400 became a 500.
+    resp = ingress_client.post(GEN, content=rb'{"prompt": "otter", "model": "\udc00"}', headers={"content-type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == "model"
