@@ -34,7 +34,14 @@ def deployment_name(stage: str, pipeline: str) -> str:
 MODEL_STAGES: dict[str, type] = {"text_encoder": TextEncoder, "denoiser": Denoiser, "vae_decoder": VaeDecoder}
 
 
-def build_app(args: dict[str, Any] | None = None, model_stages: dict[str, type] | None = None) -> Application:
+def build_app(args: dict[str, Any]) -> Application:
+    """The builder ``serve run`` calls with the config's ``args:`` (Ray
+    requires a builder to take exactly that one parameter)."""
+    return build_graph(args)
+
+
+def build_graph(args: dict[str, Any] | None = None, model_stages: dict[str, type] | None = None) -> Application:
+    """The graph for ``args``; ``model_stages`` swaps model stage classes (tests only)."""
     config, registry = load_app_config(args)
     classes = {**MODEL_STAGES, **(model_stages or {})}
     stages = config.stages

@@ -7,7 +7,7 @@ while a request costs sleep, not CPU, so bursts of many requests fit a
 2-core machine and a test's timing does not depend on the machine's load.
 
 ``stub_model_stages(step_s=..., load_s=...)`` returns the classes to pass as
-``build_app(args, model_stages=...)``. Outputs are deterministic in the seed
+``build_graph(args, model_stages=...)``. Outputs are deterministic in the seed
 and have the real shapes (latents 1/8 of the image, uint8 RGB pixels).
 """
 

@@ -46,10 +46,10 @@ def fault_stages(denoisers: int = 2, vae_decoders: int = 2) -> dict:
 def deploy(app_args, denoisers: int = 2) -> None:
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.app import build_graph
 
     args = {**app_args, "max_concurrent_requests": 20, "stages": fault_stages(denoisers)}
-    serve.run(build_app(args, model_stages=stub_model_stages(STEP_S, DECODE_S)), name=APP, route_prefix="/faults")
+    serve.run(build_graph(args, model_stages=stub_model_stages(STEP_S, DECODE_S)), name=APP, route_prefix="/faults")
 
 
 @pytest.fixture(scope="module")
@@ -163,10 +163,10 @@ def test_requests_during_startup_get_503_model_not_ready(service_url, app_args):
     at once (not a hang), and the same request succeeds once they are up."""
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.app import build_graph
 
     name, url = "images-startup", f"{service_url}/startup"
-    app = build_app({**app_args, "stages": fault_stages(1, 1)}, model_stages=stub_model_stages(0.01, 0.01, load_s=15))
+    app = build_graph({**app_args, "stages": fault_stages(1, 1)}, model_stages=stub_model_stages(0.01, 0.01, load_s=15))
     deploying = threading.Thread(target=serve.run, args=(app,), kwargs={"name": name, "route_prefix": "/startup"})
     deploying.start()
     try:

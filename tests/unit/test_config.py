@@ -122,3 +122,18 @@ def test_ingress_limits_that_would_hide_the_429_are_refused(args, words):
 
     with pytest.raises(ValidationError, match=words):
         AppConfig.model_validate(args)
+
+
+def test_the_builder_takes_exactly_the_args_dict_as_serve_run_requires():
+    # `serve run serve_config.yaml` refuses a builder with any other signature
+    # ("Application builder functions should take exactly one parameter").
+    import inspect
+
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve import Application
+
+    from serve_app.app import build_app
+
+    assert len(inspect.signature(build_app).parameters) == 1
+    app = call_user_app_builder_with_args_if_necessary(build_app, shipped_args("serve_config.yaml"))
+    assert isinstance(app, Application)
