@@ -109,6 +109,8 @@ MAX_IGNORED_HEADER_CHARS = 1024
 HEALTH_TTL_S = 30.0
 # How long it trusts that every stage of a pipeline has a running replica.
 RUNNING_TTL_S = 5.0
+# How long a request waits for the RateLimiter before it is admitted unlimited.
+RATE_LIMITER_WAIT_S = 5.0
 
 
 class ImagesIngress:
@@ -271,8 +273,8 @@ class ImagesIngress:
         # With no API keys configured, clients are told apart by address.
         identity = getattr(request.state, "api_key_id", None) or f"addr:{request.client.host if request.client else '-'}"
         try:
-            decision = await self.rate_limiter.acquire.remote(identity, images)
-        except Exception as exc:  # noqa: BLE001 - a lost limiter must not turn every request into an error
+            decision = await asyncio.wait_for(self.rate_limiter.acquire.remote(identity, images), RATE_LIMITER_WAIT_S)
+        except Exception as exc:  # noqa: BLE001 - a lost or stuck limiter must not turn every request into an error
             logger.warning("rate limiter unavailable, request admitted unlimited: %s", type(exc).__name__)
             return {}
         if not decision.allowed:

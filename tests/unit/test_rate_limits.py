@@ -106,3 +106,20 @@ def test_images_per_minute_counts_n(limited_client):
 def test_n_above_the_per_minute_limit_can_never_pass_and_is_400(limited_client):
     resp = limited_client.post(GEN, json={**SMALL, "n": 5})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "n"
+
+
+def test_a_stuck_limiter_admits_the_request_unlimited(limited_client, monkeypatch):
+    import asyncio
+
+    import serve_app.deployments.ingress as ingress_module
+
+    class Stuck:
+        class acquire:
+            @staticmethod
+            async def remote(*args):
+                await asyncio.sleep(30)
+
+    monkeypatch.setattr(ingress_module, "RATE_LIMITER_WAIT_S", 0.2)
+    monkeypatch.setattr(limited_client.instance, "rate_limiter", Stuck())
+    resp = limited_client.post(GEN, json=SMALL)
+    assert resp.status_code == 200 and "x-ratelimit-limit-requests" not in resp.headers
