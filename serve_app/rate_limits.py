@@ -59,23 +59,26 @@ class SlidingWindowLimiter:
             window.popleft()
         rpm, ipm = self.requests_per_minute, self.images_per_minute
         used_images = sum(n for _, n in window)
-        # Index of the oldest entry that must expire before this request fits.
-        must_expire = -1
+        # Seconds until enough of the window has expired for this request to fit; 0: it fits now.
+        wait = 0.0
         if rpm is not None and len(window) + 1 > rpm:
-            must_expire = len(window) - rpm
-        if ipm is not None and used_images + images > ipm:
+            wait = window[len(window) - rpm][0] + WINDOW_S - now
+        if ipm is not None and images > ipm:
+            # Never fits, however long it waits (the ingress answers it 400 on n before asking).
+            wait = WINDOW_S
+        elif ipm is not None and used_images + images > ipm:
             freed, i = 0, 0
-            while i < len(window) and used_images - freed + images > ipm:
+            while used_images - freed + images > ipm:
                 freed += window[i][1]
                 i += 1
-            must_expire = max(must_expire, i - 1)
-        allowed = must_expire < 0
+            wait = max(wait, window[i - 1][0] + WINDOW_S - now)
+        allowed = wait <= 0
         if allowed:
             window.append((now, images))
             used_images += images
         return Decision(
             allowed,
-            retry_after_s=0 if allowed else max(1, math.ceil(window[must_expire][0] + WINDOW_S - now)),
+            retry_after_s=0 if allowed else max(1, math.ceil(wait)),
             limit_requests=rpm,
             remaining_requests=None if rpm is None else max(0, rpm - len(window)),
             limit_images=ipm,

@@ -45,10 +45,6 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self._digests)
 
-    def check(self, authorization: str | None) -> bool:
-        """True if the Authorization header carries a configured key (always True when none is configured)."""
-        return not self.enabled or self.identify(authorization) is not None
-
     def identify(self, authorization: str | None) -> str | None:
         """The SHA-256 hex digest of the configured key the header carries, or None.
         The digest, never the key, is what rate limits are kept under."""

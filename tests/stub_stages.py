@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from serve_app.deployments.batching import BatchRunner
 from serve_app.deployments.denoiser import Denoiser
 from serve_app.deployments.text_encoder import TextEncoder
 from serve_app.deployments.vae_decoder import VaeDecoder
@@ -105,16 +106,12 @@ def stub_model_stages(step_s: float = 0.05, decode_s: float = 0.02, load_s: floa
 
     class StubDenoiser(Denoiser):
         def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
-            from serve_app.deployments.batching import BatchRunner
-
             time.sleep(load_s)
             self.denoiser = SleepyDenoiser(step_s)
             self.batches = BatchRunner("denoiser", self.denoiser.denoise_many_steps, self.options, stepwise=True)
 
     class StubVaeDecoder(VaeDecoder):
         def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
-            from serve_app.deployments.batching import BatchRunner
-
             time.sleep(load_s)
             self.decoder = SleepyDecoder(decode_s)
             self.batches = BatchRunner("vae_decoder", self.decoder.decode_many, self.options)

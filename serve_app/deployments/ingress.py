@@ -337,7 +337,7 @@ class ImagesIngress:
         starting = [p for p in self.registry.pipelines if await self.stages_starting(p)]
         if starting:
             models = [m.id for m in self.registry.models if m.pipeline in starting]
-            return model_not_ready(models[0] if len(models) == 1 else ", ".join(models)).response()
+            return model_not_ready(", ".join(models)).response()
         return JSONResponse({"status": "ok"})
 
     async def get_image(self, name: str, expires: str | None = Query(None), sig: str | None = Query(None)) -> Response:

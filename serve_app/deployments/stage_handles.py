@@ -92,6 +92,7 @@ class HandleStages:
         app = status.applications.get(self._te.app_name)
         if app is None:
             return list(names)
+
         def running(name: str) -> int:
             states = app.deployments[name].replica_states if name in app.deployments else {}
             # Keys are Serve's ReplicaState enum, whose values are the state names.

@@ -123,3 +123,10 @@ def test_a_stuck_limiter_admits_the_request_unlimited(limited_client, monkeypatc
     monkeypatch.setattr(limited_client.instance, "rate_limiter", Stuck())
     resp = limited_client.post(GEN, json=SMALL)
     assert resp.status_code == 200 and "x-ratelimit-limit-requests" not in resp.headers
+
+
+def test_more_images_than_the_limit_never_fit_even_in_an_empty_window():
+    limiter = SlidingWindowLimiter(requests_per_minute=None, images_per_minute=4, clock=Clock())
+    refused = limiter.acquire("k", 5)
+    assert not refused.allowed and refused.retry_after_s == 60
+    assert limiter.acquire("k", 4).allowed  # the refusal took nothing
