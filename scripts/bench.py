@@ -10,7 +10,8 @@ In one run, on one machine and model directory:
    then in batches;
 2. the Ray Serve graph (built by the project's builder with the chosen
    serve config's args) over HTTP through the official ``openai`` client, at
-   concurrency 1 and 8;
+   concurrency 1 and 8, with the CPU time each process used per image at
+   concurrency 8 (where the cores go: model stages, ingress, proxy, Ray);
 3. post-processing: PNG and JPEG encode + base64 of a 1024x1024 model image.
 Prints a table, writes results/bench-<time>.json and a bar chart PNG beside it;
 the last line printed is the JSON summary.
@@ -200,11 +201,48 @@ def run_graph(base_url: str, model: str, size: int, n_c1: int, n_c8: int) -> dic
     for i in range(n_c1):
         lat.append(one(1000 + i))
     c1 = summarize(lat, n_c1, time.perf_counter() - t0)
+    before = cpu_seconds_by_process()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(8) as ex:
         lat = list(ex.map(one, range(2000, 2000 + n_c8)))
     c8 = summarize(lat, n_c8, time.perf_counter() - t0)
+    c8["cpu_ms_per_image"] = cpu_ms_per_image(before, cpu_seconds_by_process(), n_c8)
     return {"c1": c1, "c8": c8}
+
+
+def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) used so far by every process on the
+    machine, labelled: Ray actors by their ``ray::`` title, this process as
+    the client (it is also Ray's driver)."""
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            times = p.cpu_times()
+            cmd = p.info["cmdline"] or [p.info["name"] or "?"]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if p.pid == os.getpid():
+            label = "bench client (openai) + Ray driver"
+        elif cmd[0].startswith("ray::"):
+            label = cmd[0].split()[0].removeprefix("ray::").removeprefix("ServeReplica:")
+        else:
+            label = Path(cmd[0]).name if "ray" in " ".join(cmd[:2]) else "other processes"
+        out[p.pid] = (label, times.user + times.system)
+    return out
+
+
+def cpu_ms_per_image(before: dict, after: dict, images: int) -> dict[str, float]:
+    """Where the machine's CPU time went during a run, per image, by process
+    label (replicas of one deployment summed), largest first, with the total."""
+    per_label: dict[str, float] = {}
+    for pid, (label, cpu) in after.items():
+        used = cpu - before.get(pid, (label, 0.0))[1]
+        per_label[label] = per_label.get(label, 0.0) + used
+    rows = {k: round(v / images * 1000, 1) for k, v in sorted(per_label.items(), key=lambda kv: -kv[1]) if v > 0}
+    rows["total"] = round(sum(per_label.values()) / images * 1000, 1)
+    return rows
 
 
 # --- post-processing ------------------------------------------------------------------
@@ -293,7 +331,10 @@ def main() -> None:
         print(f"codecs    {codecs}", flush=True)
     base_url, model = start_graph(serve_config, model_dir, size, steps, guidance, ROOT / "data" / "bench")
     graph = run_graph(base_url, model, size, n_c1, n_c8)
+    cpu = graph["c8"].pop("cpu_ms_per_image")
     print(f"graph     c1 {graph['c1']}\ngraph     c8 {graph['c8']}", flush=True)
+    print("graph     c8 CPU ms per image: " + ", ".join(f"{k} {v}" for k, v in cpu.items()), flush=True)
+    graph["c8"]["cpu_ms_per_image"] = cpu
 
     summary = {
         "config": {
