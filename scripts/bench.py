@@ -226,7 +226,9 @@ def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
         if p.pid == os.getpid():
             label = "bench client (openai) + Ray driver"
         elif cmd[0].startswith("ray::"):
-            label = cmd[0].split()[0].removeprefix("ray::").removeprefix("ServeReplica:")
+            # "ray::ServeReplica:<app>:<deployment>", or "ray::<Actor>[.<method running>]"
+            title = cmd[0].split()[0].removeprefix("ray::")
+            label = title.removeprefix("ServeReplica:") if title.startswith("ServeReplica:") else title.split(".")[0]
         else:
             label = Path(cmd[0]).name if "ray" in " ".join(cmd[:2]) else "other processes"
         out[p.pid] = (label, times.user + times.system)
