@@ -333,10 +333,9 @@ def main() -> None:
         print(f"codecs    {codecs}", flush=True)
     base_url, model = start_graph(serve_config, model_dir, size, steps, guidance, ROOT / "data" / "bench")
     graph = run_graph(base_url, model, size, n_c1, n_c8)
-    cpu = graph["c8"].pop("cpu_ms_per_image")
-    print(f"graph     c1 {graph['c1']}\ngraph     c8 {graph['c8']}", flush=True)
+    cpu = graph["c8"]["cpu_ms_per_image"]
+    print(f"graph     c1 {graph['c1']}\ngraph     c8 { {k: v for k, v in graph['c8'].items() if k != 'cpu_ms_per_image'} }", flush=True)
     print("graph     c8 CPU ms per image: " + ", ".join(f"{k} {v}" for k, v in cpu.items()), flush=True)
-    graph["c8"]["cpu_ms_per_image"] = cpu
 
     summary = {
         "config": {

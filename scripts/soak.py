@@ -686,13 +686,14 @@ class ReplicaWatch:
         """Poll until the deployment again has its replica count with a new replica, or until `until`."""
         from ray import serve
 
+        from serve_app.deployments.stage_handles import running_replicas
+
         before = {r.actor_id for r in serve_actors().values() if r.deployment == deployment}
         while time.perf_counter() < until:
             try:
                 st = serve.status().applications[APP_NAME].deployments[deployment]
-                running = {str(k).split(".")[-1]: v for k, v in st.replica_states.items()}.get("RUNNING", 0)
                 live = {r.actor_id for r in serve_actors().values() if r.deployment == deployment}
-                if str(st.status).split(".")[-1] == "HEALTHY" and running >= replicas and live - before:
+                if str(st.status).split(".")[-1] == "HEALTHY" and running_replicas(st) >= replicas and live - before:
                     self.recovered_after_s = round(time.perf_counter() - self.start - self.killed["at_s"], 1)
                     return
                 before &= live  # a replica that died before we looked is not "new"

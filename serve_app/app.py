@@ -50,13 +50,9 @@ def build_graph(args: dict[str, Any] | None = None, model_stages: dict[str, type
     for name, pipeline in registry.pipelines.items():
         pipelines[name] = {
             key: serve.deployment(
-                cls, name=deployment_name(MODEL_STAGES[key].__name__, name), **opts.deployment_options()
-            ).bind(pipeline, opts, model_cache)
-            for key, cls, opts in (
-                ("text_encoder", classes["text_encoder"], stages.text_encoder),
-                ("denoiser", classes["denoiser"], stages.denoiser),
-                ("vae_decoder", classes["vae_decoder"], stages.vae_decoder),
-            )
+                cls, name=deployment_name(MODEL_STAGES[key].__name__, name), **getattr(stages, key).deployment_options()
+            ).bind(pipeline, getattr(stages, key), model_cache)
+            for key, cls in classes.items()
         }
     post_processor = serve.deployment(
         PostProcessor, name="PostProcessor", **stages.post_processor.deployment_options()

@@ -44,6 +44,12 @@ async def call_stage(stage: str, make_call: Callable[[], Awaitable[T]]) -> T:
     raise AssertionError("unreachable")
 
 
+def running_replicas(deployment_status: Any) -> int:
+    """Replicas in state RUNNING, from a deployment's entry in ``serve.status()``."""
+    # Keys are Serve's ReplicaState enum, whose values are the state names.
+    return sum(n for state, n in deployment_status.replica_states.items() if getattr(state, "value", state) == "RUNNING")
+
+
 class HandleStages:
     """Stages backed by Ray Serve deployment handles."""
 
@@ -92,13 +98,7 @@ class HandleStages:
         app = status.applications.get(self._te.app_name)
         if app is None:
             return list(names)
-
-        def running(name: str) -> int:
-            states = app.deployments[name].replica_states if name in app.deployments else {}
-            # Keys are Serve's ReplicaState enum, whose values are the state names.
-            return sum(count for state, count in states.items() if getattr(state, "value", state) == "RUNNING")
-
-        return [n for n in names if not running(n)]
+        return [n for n in names if n not in app.deployments or not running_replicas(app.deployments[n])]
 
     async def problem(self) -> str | None:
         """Why this pipeline's model stages cannot serve, or None."""

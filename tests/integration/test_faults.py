@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from serve_app.deployments.stage_handles import running_replicas
 from tests.conftest import TEST_API_KEY
 from tests.stub_stages import stub_model_stages
 
@@ -72,7 +73,7 @@ def post(url: str, timeout: float = 120) -> tuple[int, dict, dict, float]:
     return r.status_code, r.json(), dict(r.headers), time.monotonic() - started
 
 
-def running_replicas(app: str, deployment: str) -> list[str]:
+def replica_actor_names(app: str, deployment: str) -> list[str]:
     """Actor names of the deployment's live replicas."""
     import ray
 
@@ -86,8 +87,7 @@ def wait_for_replicas(app: str, deployment: str, count: int, timeout: float = 60
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        states = serve.status().applications[app].deployments[deployment].replica_states
-        if sum(n for s, n in states.items() if getattr(s, "value", s) == "RUNNING") == count:
+        if running_replicas(serve.status().applications[app].deployments[deployment]) == count:
             return
         time.sleep(0.5)
     raise AssertionError(f"{deployment} did not get back to {count} running replicas")
@@ -101,7 +101,7 @@ def test_killing_a_replica_mid_request_loses_nothing(faults_app, stage):
     import ray
 
     wait_for_replicas(APP, stage, 2)
-    victim = running_replicas(APP, stage)[0]
+    victim = replica_actor_names(APP, stage)[0]
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(post, faults_app.url) for _ in range(8)]
         # The denoiser is working on the first requests by now (each denoises
@@ -139,7 +139,6 @@ def test_a_burst_beyond_capacity_gets_fast_429s_and_the_rest_complete(faults_app
     # at once, which one CI run did not see. Its 429 mapping is unit-tested
     # (tests/unit/test_stage_failures.py).
     assert any("ingress" in body["error"]["message"] for _, body, _, _ in refused)
-    # An admitted request denoises for ~1 s on its own; a refusal waits for nothing.
     # An admitted request sleeps 1.4 s in the stages; a refusal waits for no
     # work (measured here: ingress refusals ~0.5 s, back-pressure ~1.1 s,
     # the first success ~2.7 s, with all 40 connections arriving at once).
