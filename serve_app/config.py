@@ -57,7 +57,7 @@ class PipelineConfig(_Strict):
         "variables and files. For a Hugging Face id: keyword arguments of huggingface_hub.snapshot_download "
         "(revision, token, ...).",
     )
-    builtin: Literal["tiny-sd", "tiny-sdxl"] | None = Field(
+    builtin: Literal["tiny-sd", "tiny-sdxl", "tiny-sd-inpaint"] | None = Field(
         default=None,
         description="If set and `source` holds no model yet, build this tiny random-weight "
         "model there on startup (the embedded offline default). Leave unset for real models.",
