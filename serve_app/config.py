@@ -141,6 +141,40 @@ def _default_styles() -> dict[str, StylePreset]:
     }
 
 
+class EditPreset(_Strict):
+    """How an edit of this model starts from its input image."""
+
+    strength: dict[str, float] = Field(
+        default_factory=lambda: {"low": 0.75, "high": 0.45},
+        description="Image-to-image strength (0: keep the input, 1: start from pure noise) per input_fidelity "
+        "(low, high). Requests without input_fidelity use `low`. The denoiser runs strength x steps of the schedule.",
+    )
+    inpaint_strength: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Strength where a mask marks the region to edit (1: repaint it whole)."
+    )
+    variation_strength: float = Field(
+        default=0.7, ge=0.0, le=1.0, description="Strength of /v1/images/variations (dall-e-2 family)."
+    )
+    variation_prompt: str = Field(default="", description="Prompt a variation is conditioned on; empty by default.")
+    feather_px: int = Field(
+        default=4,
+        ge=0,
+        le=64,
+        description="After decoding, the input's pixels are put back wherever the mask is opaque, blending over "
+        "this many pixels into the edited region so the seam does not show. Protected pixels are never changed.",
+    )
+
+    @field_validator("strength")
+    @classmethod
+    def _fidelities(cls, strength: dict[str, float]) -> dict[str, float]:
+        for key, value in strength.items():
+            if key not in ("low", "high"):
+                raise ValueError(f"strength keys are input_fidelity values, low and high; not {key!r}")
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"strength[{key}] must be between 0 and 1")
+        return {"low": 0.75, "high": 0.45, **strength}
+
+
 class ModelEntry(_Strict):
     id: str = Field(description="Model id clients send as `model`.")
     pipeline: str = Field(description="Key of the pipeline (in `pipelines`) that serves this id.")
@@ -171,6 +205,7 @@ class ModelEntry(_Strict):
         default="{prompt}, isolated on a plain flat white background",
         description="Prompt template used for `background=transparent`, asking for a backdrop easy to matte out.",
     )
+    edit: EditPreset = Field(default_factory=EditPreset, description="Edits and variations: strengths, variation prompt, feathering.")
 
     @field_validator("family")
     @classmethod
@@ -422,7 +457,21 @@ class AppConfig(_Strict):
         default_factory=RateLimits,
         description="Per-key limits, shared by all ingress replicas; beyond them 429 rate_limit_exceeded with Retry-After.",
     )
-    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body accepted (413 beyond).")
+    max_body_bytes: int = Field(
+        default=1 << 20, ge=1024, description="Largest JSON (or other non-multipart) request body accepted (413 beyond)."
+    )
+    max_upload_bytes: int = Field(
+        default=64 << 20,
+        ge=1024,
+        description="Largest multipart/form-data body (edits and variations with uploaded images), counted while "
+        "it streams in (413 beyond). Each image's own limit comes from its model family.",
+    )
+    max_input_pixels: int = Field(
+        default=4096 * 4096,
+        ge=64 * 64,
+        description="Largest width*height of an input image, checked from its header before it is decoded "
+        "(a decompression bomb is refused without being unpacked).",
+    )
     png_compress_level: int = Field(
         default=1,
         ge=0,

@@ -26,6 +26,7 @@ class GuardSettings:
 
     api_keys: ApiKeys = field(default_factory=lambda: ApiKeys([]))
     max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 64 << 20  # multipart/form-data bodies (uploaded images)
 
 
 class BodyTooLarge(OpenAIError):
@@ -68,7 +69,7 @@ class RequestGuard:
             await error.response()(scope, receive, send_with_id)
             return
 
-        limit = self.settings.max_body_bytes
+        limit = self._limit(headers)
         received = 0
         answered = False
 
@@ -104,13 +105,19 @@ class RequestGuard:
                 raise
             await to_openai_error(exc, request_id).response()(scope, receive, send_with_id)
 
+    def _limit(self, headers: dict[str, str]) -> int:
+        """Uploads (multipart, as the SDKs send image edits) get their own, larger limit."""
+        if headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            return self.settings.max_upload_bytes
+        return self.settings.max_body_bytes
+
     def _check(self, path: str, headers: dict[str, str], state: dict) -> OpenAIError | None:
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
                 return OpenAIError(400, "Invalid Content-Length header.", code="invalid_content_length")
-            if int(length) > self.settings.max_body_bytes:
-                return BodyTooLarge(self.settings.max_body_bytes)
+            if int(length) > self._limit(headers):
+                return BodyTooLarge(self._limit(headers))
         keys = self.settings.api_keys
         # Which key it was (its digest) is what per-key rate limits count under.
         state["api_key_id"] = keys.identify(headers.get("authorization")) if keys.enabled else None

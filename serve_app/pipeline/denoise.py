@@ -11,7 +11,7 @@ import torch
 
 from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.sources import SourceFiles
-from serve_app.pipeline.types import DenoiseJob
+from serve_app.pipeline.types import DenoiseJob, edit_steps
 
 
 class LatentDenoiser:
@@ -247,8 +247,3 @@ def edit_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start * scheduler.order)
     return scheduler.timesteps[start * scheduler.order :]
-
-
-def edit_steps(steps: int, strength: float) -> int:
-    """How many denoising steps an edit of this strength runs."""
-    return min(int(steps * strength), steps)

@@ -65,3 +65,9 @@ class DenoiseJob:
         """Jobs with equal keys can run as one batch: same grid, schedule and kind of work."""
         kind = None if self.edit is None else (self.strength, self.edit.inpaint)
         return (self.height, self.width, self.steps, self.guidance, kind)
+
+
+def edit_steps(steps: int, strength: float) -> int:
+    """How many denoising steps an edit of this strength runs: the last
+    ``strength`` of a ``steps``-step schedule (diffusers' img2img rule)."""
+    return min(int(steps * strength), steps)
