@@ -43,7 +43,7 @@ class ImageEncoder:
         if height % self.scale_factor or width % self.scale_factor:
             raise ValueError(f"image size {width}x{height} is not a multiple of the VAE's {self.scale_factor}")
         # 1. To [-1, 1] as diffusers' image processor does (float32 / 255, then 2x - 1).
-        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float() / 255.0 * 2.0 - 1.0
+        image = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float() / 255.0 * 2.0 - 1.0
         mean, std = self._distribution(image)
         if alpha is None and self.inpaint_unet:
             # An inpainting UNet always takes a mask: without one, the whole image is repainted.
