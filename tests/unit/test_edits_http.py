@@ -165,8 +165,17 @@ def test_json_file_id_is_refused(ingress_client):
 
 
 def test_image_urls_are_not_fetched_by_default(ingress_client):
-    resp = ingress_client.post(EDITS, json={"prompt": "hat", "images": [{"image_url": "http://127.0.0.1:9/a.png"}]})
-    assert_error(resp, 400, "images[0].image_url")
+    """The same kind of URL the Ray graph's test config allows (tests/integration/test_edits_client.py)."""
+    from tests.image_server import ImageServer
+
+    server = ImageServer()
+    try:
+        url = server.put("/a.png", png())
+        resp = ingress_client.post(EDITS, json={"prompt": "hat", "images": [{"image_url": url}]})
+    finally:
+        server.stop()
+    error = assert_error(resp, 400, "images[0].image_url")
+    assert "upload" in error["message"] or "data URL" in error["message"]
 
 
 def test_variations_refuse_other_families_and_masks(ingress_client):
