@@ -8,6 +8,7 @@ its own YAML file (``configs/models.yaml`` by default) and is validated by
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -358,6 +359,61 @@ class RateLimits(_Strict):
         return self.requests_per_minute is not None or self.images_per_minute is not None
 
 
+# A host name (IDNA, i.e. xn-- for non-ASCII), an IPv4 address or a bracketed
+# IPv6 address, optionally "*." in front and ":port" behind.
+_HOST_PATTERN_RE = re.compile(r"^(\*\.)?([a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\])(:(\d{1,5}))?$")
+
+
+class ImageFetchSettings(_Strict):
+    """Fetching the http(s) image URLs clients name (edits' image_url). Off unless allowed_hosts lists hosts.
+
+    Every URL, and every redirect, must name an allowed host, and every address
+    that host resolves to must be public (or inside allowed_networks); the
+    connection then goes to that checked address, so DNS cannot change it."""
+
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts image URLs may name: 'host' (the scheme's default port only) or 'host:port', matched "
+        "exactly and case-insensitively; '*.example.com' also matches any subdomain of example.com (not "
+        "example.com itself). IPv6 addresses in brackets, non-ASCII names in their xn-- form. Empty (the "
+        "default): the server fetches no URLs, and clients must send images as uploads or data URLs.",
+    )
+    allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs (e.g. 10.1.2.0/24, 127.0.0.1/32) that an allowed host may resolve to although they "
+        "are loopback, private, link-local or otherwise non-public, which are refused by default: for an "
+        "internal image server, and for tests. Public addresses need no entry.",
+    )
+    max_bytes: int = Field(default=50 << 20, ge=1, description="Largest image body fetched; a longer one is refused.")
+    timeout_s: float = Field(
+        default=10.0, gt=0, description="Limit on a whole fetch (DNS, connections, redirects, body) in seconds."
+    )
+    max_redirects: int = Field(
+        default=3, ge=0, le=20, description="Redirects followed per fetch, each checked like the first URL."
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, hosts: list[str]) -> list[str]:
+        normalized = []
+        for entry in hosts:
+            host = entry.strip().lower()
+            m = _HOST_PATTERN_RE.match(host)
+            if m is None or (m.group(5) is not None and not 0 < int(m.group(5)) < 65536):
+                raise ValueError(
+                    f"allowed_hosts entry {entry!r} is not a host name, IP address or [IPv6 address], "
+                    "with an optional '*.' in front and ':port' behind"
+                )
+            normalized.append(host)
+        return normalized
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, networks: list[str]) -> list[str]:
+        # ip_network raises ValueError on a typo, which pydantic reports naming the field.
+        return [str(ipaddress.ip_network(n.strip(), strict=False)) for n in networks]
+
+
 class AppConfig(_Strict):
     """The `args:` of the application in serve_config.yaml."""
 
@@ -421,6 +477,11 @@ class AppConfig(_Strict):
     rate_limits: RateLimits = Field(
         default_factory=RateLimits,
         description="Per-key limits, shared by all ingress replicas; beyond them 429 rate_limit_exceeded with Retry-After.",
+    )
+    image_fetch: ImageFetchSettings = Field(
+        default_factory=ImageFetchSettings,
+        description="Whether and from where the server fetches http(s) image URLs named in edit requests "
+        "(off by default; data URLs and uploads always work).",
     )
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body accepted (413 beyond).")
     png_compress_level: int = Field(
