@@ -179,7 +179,9 @@ class ImageFetcher:
         try:
             parsed = httpx.URL(url)
         except (httpx.InvalidURL, TypeError, ValueError):
-            raise invalid_request(f"Invalid '{param}': {_shown(url)} is not a valid URL.", param, "invalid_image_url") from None
+            raise invalid_request(
+                f"Invalid '{param}': {_shown(url)} is not a valid URL.", param, "invalid_image_url"
+            ) from None
         if parsed.scheme not in _DEFAULT_PORTS or not parsed.raw_host:
             raise invalid_request(
                 f"Invalid '{param}': {_shown(url)} is not an http(s) URL with a host.", param, "invalid_image_url"
@@ -256,7 +258,8 @@ class ImageFetcher:
                 except httpx.ConnectError as exc:  # also a failed TLS handshake or certificate check
                     logger.info("image URL %s: connecting to %s failed: %s", target.host, ip, type(exc).__name__)
                     if i + 1 == len(addresses):
-                        raise _fetch_failed(param, target.url, "could not connect to it (or its TLS certificate is not valid)") from None
+                        why = "could not connect to it (or its TLS certificate is not valid)"
+                        raise _fetch_failed(param, target.url, why) from None
                 except httpx.TimeoutException:
                     raise
                 except httpx.HTTPError as exc:

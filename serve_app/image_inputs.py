@@ -274,10 +274,11 @@ def _open(
 
 
 def _too_many_pixels(param: str, size: tuple[int, int] | None, max_pixels: int) -> OpenAIError:
-    declared = f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels" if size else "more pixels than that"
+    # size is None when Pillow's own, higher, limit refused the header first.
+    declared = f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels" if size else "far more pixels than that"
     return invalid_request(
-        f"Invalid '{param}': the image declares {declared}; the limit is {max_pixels} pixels "
-        f"(e.g. {int(max_pixels**0.5)}x{int(max_pixels**0.5)}).",
+        f"Invalid '{param}': the image may have at most {max_pixels} pixels "
+        f"(e.g. {int(max_pixels**0.5)}x{int(max_pixels**0.5)}), and it declares {declared}.",
         param,
         "image_too_large",
     )
