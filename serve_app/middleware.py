@@ -17,6 +17,9 @@ from serve_app.security import ApiKeys
 
 # Routes that need no API key: liveness, the API's own description, and
 # signed image URLs (the signature is the credential).
+# Routes whose bodies carry input images (their ends, so every alias matches).
+UPLOAD_ROUTES = ("/images/edits", "/images/variations")
+
 PUBLIC_PREFIXES = ("/health", "/v1/health", "/openapi.json", "/docs", "/v1/images/files/")
 
 
@@ -69,7 +72,7 @@ class RequestGuard:
             await error.response()(scope, receive, send_with_id)
             return
 
-        limit = self._limit(headers)
+        limit = self._limit(path, headers)
         received = 0
         answered = False
 
@@ -105,9 +108,11 @@ class RequestGuard:
                 raise
             await to_openai_error(exc, request_id).response()(scope, receive, send_with_id)
 
-    def _limit(self, headers: dict[str, str]) -> int:
-        """Uploads (multipart, as the SDKs send image edits) get their own, larger limit."""
-        if headers.get("content-type", "").lower().startswith("multipart/form-data"):
+    def _limit(self, path: str, headers: dict[str, str]) -> int:
+        """Bodies that carry images get their own, larger limit: any multipart
+        upload, and any body of the edits and variations routes (the JSON
+        edits body carries its images as data URLs)."""
+        if path.endswith(UPLOAD_ROUTES) or headers.get("content-type", "").lower().startswith("multipart/form-data"):
             return self.settings.max_upload_bytes
         return self.settings.max_body_bytes
 
@@ -116,8 +121,8 @@ class RequestGuard:
         if length is not None:
             if not length.isdigit():
                 return OpenAIError(400, "Invalid Content-Length header.", code="invalid_content_length")
-            if int(length) > self._limit(headers):
-                return BodyTooLarge(self._limit(headers))
+            if int(length) > self._limit(path, headers):
+                return BodyTooLarge(self._limit(path, headers))
         keys = self.settings.api_keys
         # Which key it was (its digest) is what per-key rate limits count under.
         state["api_key_id"] = keys.identify(headers.get("authorization")) if keys.enabled else None

@@ -209,3 +209,32 @@ def test_upload_limit_is_its_own_and_enforced_while_streaming(ingress_client):
 
     resp = ingress_client.post(EDITS, content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
     assert_error(resp, 413)
+
+
+def test_edit_prompts_are_moderated(ingress_client, tmp_path):
+    from serve_app.moderation import PatternModerator
+
+    moderation = tmp_path / "moderation.yaml"
+    moderation.write_text("categories:\n  test:\n    severe: true\n    patterns: ['forbidden\\s+thing']\n")
+    before = ingress_client.instance.moderator
+    ingress_client.instance.moderator = PatternModerator.from_file(moderation)
+    try:
+        resp = edit(ingress_client, {"image": ("a.png", png(), "image/png")}, {"prompt": "a forbidden thing", "model": "dall-e-2"})
+    finally:
+        ingress_client.instance.moderator = before
+    assert_error(resp, 400, "prompt", "moderation_blocked")
+
+
+def test_composite_keeps_protected_pixels_and_feathers_only_the_edited_side():
+    from serve_app.compositing import composite, keep_weight
+
+    alpha = np.full((32, 32), 255, np.uint8)
+    alpha[8:24, 8:24] = 0
+    original = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    generated = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    out = composite(generated, original, alpha, feather_px=3)
+    assert np.array_equal(out[alpha == 255], original[alpha == 255])
+    weight = keep_weight(alpha, 3)
+    assert weight[16, 16] == 0.0 and np.array_equal(out[16, 16], generated[16, 16])  # deep inside: all generated
+    assert 0.0 < weight[8, 16] < 1.0  # the first edited row blends
+    assert np.array_equal(keep_weight(alpha, 0)[alpha == 0], np.zeros((alpha == 0).sum(), np.float32))
