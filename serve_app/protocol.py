@@ -206,14 +206,13 @@ class CompletedEvent(_StreamEventBase):
     usage: Usage
 
 
-class EditPartialImageEvent(_StreamEventBase):
-    type: Literal["image_edit.partial_image"] = "image_edit.partial_image"
-    partial_image_index: int
+# An edit's events carry the same fields under their own type names.
+class EditPartialImageEvent(PartialImageEvent):
+    type: Literal["image_edit.partial_image"] = "image_edit.partial_image"  # type: ignore[assignment]
 
 
-class EditCompletedEvent(_StreamEventBase):
-    type: Literal["image_edit.completed"] = "image_edit.completed"
-    usage: Usage
+class EditCompletedEvent(CompletedEvent):
+    type: Literal["image_edit.completed"] = "image_edit.completed"  # type: ignore[assignment]
 
 
 class Model(BaseModel):
