@@ -28,6 +28,24 @@ class StorageError(OSError):
     """The store could not keep an image; clients see 503 storage_unavailable."""
 
 
+def local_store_warning(store: "ImageStore", alive_nodes: int) -> str | None:
+    """What to warn about when a local image store serves a cluster of more
+    than one node, else None.
+
+    A local store is a folder on each node: an image is written on the node
+    whose post-processor made it, and its URL may be answered by an ingress on
+    another node, which does not have it (404), and each node sweeps only its
+    own folder. S3 or a filesystem every node mounts at the same path fixes both.
+    """
+    if not store.is_local or alive_nodes <= 1:
+        return None
+    return (
+        f"The image store {store.url} is a local folder, and this Ray cluster has {alive_nodes} nodes: an image "
+        "URL answered by an ingress on another node than the one that stored it is a 404. Use a shared store: "
+        "image_store: s3://bucket/prefix, or a folder every node mounts at the same path (README \"Deployment\")."
+    )
+
+
 class ImageStore:
     """Stores encoded images under random names, reads them back by name,
     makes URLs for them where the store can sign its own, and deletes old ones.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from serve_app.deployments.text_encoder import TextEncoder
 from serve_app.deployments.vae_decoder import VaeDecoder
 from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings
+
+if TYPE_CHECKING:
+    from ray.serve import Application
 
 LATENT_CHANNELS = 4
 SCALE = 8
@@ -130,3 +133,16 @@ def stub_model_stages(step_s: float = 0.05, decode_s: float = 0.02, load_s: floa
             self.batches = BatchRunner("vae_decoder", self.decoder.decode_many, self.options)
 
     return {"text_encoder": StubTextEncoder, "denoiser": StubDenoiser, "vae_decoder": StubVaeDecoder}
+
+
+def build_app(args: dict) -> "Application":
+    """A Serve builder for configs deployed with ``serve deploy``
+    (``import_path: tests.stub_stages:build_app``): the shipped builder,
+    ``serve_app.app.build_graph``, with sleeping model stages. ``args`` are
+    the application's own, plus ``stub_models``: keyword arguments of
+    :func:`stub_model_stages` (step_s, decode_s, load_s)."""
+    from serve_app.app import build_graph
+
+    args = dict(args)
+    stub = args.pop("stub_models", {})
+    return build_graph(args, model_stages=stub_model_stages(**stub))

@@ -67,7 +67,7 @@ from serve_app.protocol import (
     ModelList,
 )
 from serve_app.security import API_KEYS_ENV, ApiKeys, UrlSigner, hash_for_log
-from serve_app.storage import ImageStore
+from serve_app.storage import ImageStore, local_store_warning
 
 logger = logging.getLogger("serve_app")
 _RESPONSE_JSON = TypeAdapter(ImagesResponse)
@@ -144,6 +144,15 @@ RUNNING_TTL_S = 5.0
 RATE_LIMITER_WAIT_S = 5.0
 
 
+def _alive_ray_nodes() -> int:
+    """Alive nodes of the Ray cluster this replica runs in; 1 outside Ray (in-process tests)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 class ImagesIngress:
     """Holds the ingress's state; :func:`build_api` gives it its HTTP routes.
 
@@ -167,6 +176,10 @@ class ImagesIngress:
         self.registry = registry
         self.signer = UrlSigner(signing_key, config.url_ttl_s)
         self.store = ImageStore.from_config(config)
+        # Checked once, at start: nodes that join later are not counted.
+        shared_store_problem = local_store_warning(self.store, _alive_ray_nodes())
+        if shared_store_problem:
+            logger.warning(shared_store_problem)
         self.stages = {
             name: HandleStages(h["text_encoder"], h["denoiser"], h["vae_decoder"], post_processor)
             for name, h in pipelines.items()
