@@ -278,7 +278,9 @@ class StageOptions(_Strict):
     )
     num_replicas: int | None = Field(default=None, ge=1, description="Fixed replica count (ignored if autoscaling_config is set).")
     autoscaling_config: dict[str, Any] | None = Field(
-        default=None, description="Ray Serve autoscaling_config: min_replicas, max_replicas, target_ongoing_requests, ..."
+        default=None,
+        description="Ray Serve autoscaling_config: min_replicas, max_replicas, target_ongoing_requests, "
+        "look_back_period_s, upscale_delay_s, downscale_delay_s, ... (README \"Scaling each stage\").",
     )
     max_ongoing_requests: int = Field(default=8, ge=1, description="Requests one replica works on at once.")
     max_queued_requests: int | None = Field(
@@ -329,6 +331,21 @@ class StageOptions(_Strict):
     )
     channels_last: bool = Field(default=False, description="GPU: run UNet/VAE convolutions in channels_last memory format.")
     compile: bool = Field(default=False, description="GPU: torch.compile the UNet (denoiser) or VAE decoder on load.")
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _ray_autoscaling_config(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Ray's own model ignores keys it does not know, so a misspelt
+        # upscale_delay_s would silently keep Ray's default; refuse it here.
+        if value is None:
+            return value
+        from ray.serve.config import AutoscalingConfig
+
+        unknown = sorted(set(value) - set(AutoscalingConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown autoscaling_config keys {unknown}; Ray's are {sorted(AutoscalingConfig.model_fields)}")
+        AutoscalingConfig.model_validate(value)
+        return value
 
     def deployment_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
