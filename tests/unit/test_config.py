@@ -18,7 +18,10 @@ def shipped_args(path: str) -> dict:
     return app["args"]
 
 
-@pytest.mark.parametrize("path", ["serve_config.yaml", "configs/serve_config.gpu.yaml"])
+SHIPPED_PROFILES = ["serve_config.yaml", "configs/serve_config.gpu.yaml", "configs/serve_config.autoscale.yaml"]
+
+
+@pytest.mark.parametrize("path", SHIPPED_PROFILES)
 def test_shipped_serve_configs_validate(path):
     config, registry = load_app_config(shipped_args(path))
     assert registry.default_model == "dall-e-2"
@@ -34,7 +37,7 @@ def test_gpu_profile_packs_stages_on_one_gpu():
     assert gpus["denoiser"] == max(gpus.values())
 
 
-@pytest.mark.parametrize("path", ["serve_config.yaml", "configs/serve_config.gpu.yaml"])
+@pytest.mark.parametrize("path", SHIPPED_PROFILES)
 def test_shipped_profiles_bind_loopback_and_time_out_after_the_app_deadline(path):
     cfg = yaml.safe_load((ROOT / path).read_text())
     assert cfg["http_options"]["host"] == "127.0.0.1" and cfg["http_options"]["port"] == 8000
