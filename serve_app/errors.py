@@ -206,7 +206,8 @@ def to_openai_error(exc: BaseException, request_id: str = "") -> OpenAIError:
         if exc.status_code == 404:
             return OpenAIError(404, "Not found.", code="not_found")
         if exc.status_code == 405:
-            return OpenAIError(405, "Method not allowed for this route.", code="method_not_allowed")
+            # Starlette names the route's methods in Allow, which HTTP requires on a 405.
+            return OpenAIError(405, "Method not allowed for this route.", code="method_not_allowed", headers=dict(exc.headers or {}))
         return OpenAIError(exc.status_code, str(exc.detail) if exc.status_code < 500 else "Internal server error.")
     logger.error("unhandled error in request %s", request_id, exc_info=(type(exc), exc, exc.__traceback__))
     suffix = f" (request id {request_id})" if request_id else ""
