@@ -13,6 +13,7 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
+from starlette.routing import Match
 from starlette.responses import JSONResponse
 
 from serve_app.metrics import ERRORS
@@ -206,19 +207,32 @@ def to_openai_error(exc: BaseException, request_id: str = "") -> OpenAIError:
         if exc.status_code == 404:
             return OpenAIError(404, "Not found.", code="not_found")
         if exc.status_code == 405:
-            # Starlette names the route's methods in Allow, which HTTP requires on a 405.
-            return OpenAIError(405, "Method not allowed for this route.", code="method_not_allowed", headers=dict(exc.headers or {}))
+            return OpenAIError(405, "Method not allowed for this route.", code="method_not_allowed")
         return OpenAIError(exc.status_code, str(exc.detail) if exc.status_code < 500 else "Internal server error.")
     logger.error("unhandled error in request %s", request_id, exc_info=(type(exc), exc, exc.__traceback__))
     suffix = f" (request id {request_id})" if request_id else ""
     return OpenAIError(500, f"The server had an error while processing your request{suffix}.", code="internal_error")
 
 
+def _allowed_methods(request: Request) -> str:
+    """The methods of every route on this path, for the Allow header HTTP
+    requires on a 405 (Starlette's names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app) -> None:
     """Route every exception FastAPI can see through :func:`to_openai_error`."""
 
     async def handle(request: Request, exc: Exception) -> JSONResponse:
-        return to_openai_error(exc, request_id_of(request)).response()
+        error = to_openai_error(exc, request_id_of(request))
+        if error.status == 405:
+            error.headers = {**error.headers, "Allow": _allowed_methods(request)}
+        return error.response()
 
     # Anything else (a plain Exception) is answered by serve_app.middleware.RequestGuard,
     # which sits inside Starlette's outermost error middleware and so also sets x-request-id.

@@ -433,13 +433,17 @@ def build_api(ingress: ImagesIngress) -> FastAPI:
             path, ingress.health, methods=["GET"], response_model=Health, responses=_errors(500, 503),
             include_in_schema=i == 0,
         )
-    api.add_api_route(
-        "/v1/images/files/{name}",
-        ingress.get_image,
-        methods=["GET", "HEAD"],
-        response_class=Response,
-        responses={200: {"content": {v: {} for v in CONTENT_TYPES.values()}}, **_errors(403, 404, 500)},
-    )
+    for method in ("GET", "HEAD"):
+        # HEAD is GET without a body; it is left out of the schema, which
+        # would otherwise document bodies HEAD never has (and a duplicate operation id).
+        api.add_api_route(
+            "/v1/images/files/{name}",
+            ingress.get_image,
+            methods=[method],
+            response_class=Response,
+            responses={200: {"content": {v: {} for v in CONTENT_TYPES.values()}}, **_errors(403, 404, 500)},
+            include_in_schema=method == "GET",
+        )
     api.openapi = _openapi(api)
     return api
 
@@ -467,9 +471,6 @@ def _openapi(api: FastAPI) -> Callable[[], dict[str, Any]]:
             "apiKey": {"type": "http", "scheme": "bearer", "description": "An API key: `Authorization: Bearer <key>`."}
         }
         for path, operations in doc.get("paths", {}).items():
-            # HEAD on an image URL is GET without a body; a second operation
-            # would document bodies HEAD never has.
-            operations.pop("head", None)
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
                 if not path.startswith(PUBLIC_PREFIXES):
