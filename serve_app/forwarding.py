@@ -104,9 +104,10 @@ def peer_of(request: Request, uvicorn_trusted: list[Network] | None) -> Peer:
     if client is None:
         return Peer(None, False)
     forwarded_for = ", ".join(request.headers.getlist("x-forwarded-for"))
-    if forwarded_for.strip() and (client.host, client.port) == _uvicorn_client(forwarded_for, uvicorn_trusted):
-        # Replaced from the header: a real connection never comes from port
-        # 0, which is what uvicorn gives an entry without a port.
+    # Replaced from the header: uvicorn gives an entry without a port port 0,
+    # and no real connection comes from port 0. (An entry with a port is not
+    # taken for a replacement: a client could name its own address and port.)
+    if client.port == 0 and forwarded_for.strip() and (client.host, 0) == _uvicorn_client(forwarded_for, uvicorn_trusted):
         return Peer(None, True)
     return Peer(client.host, _within(client.host, uvicorn_trusted))
 

@@ -393,9 +393,18 @@ def ingress_at(local_stages, monkeypatch):
     monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
     clients = []
 
-    def make(peer: tuple[str, int], base_url: str = "http://testserver", **changes):
+    def make(peer: tuple[str, int], behind_ray_proxy: bool = False, **changes):
         instance = ImagesIngress(config.model_copy(update=changes), registry, TEST_SIGNING_KEY, pipelines, post)
-        client = TestClient(instance.__serve_build_asgi_app__(), base_url=base_url, client=peer, raise_server_exceptions=False)
+        app = instance.__serve_build_asgi_app__()
+        if behind_ray_proxy:
+            # What Ray 2.60's HTTP proxy runs in front of the app: uvicorn's
+            # proxy-headers middleware with uvicorn's default trusted hosts.
+            from uvicorn.config import Config
+            from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+            assert Config(app).proxy_headers
+            app = ProxyHeadersMiddleware(app, trusted_hosts="127.0.0.1,::1")
+        client = TestClient(app, client=peer, raise_server_exceptions=False)
         client.headers["Authorization"] = f"Bearer {TEST_API_KEY}"
         clients.append(client)
         return client
@@ -433,15 +442,19 @@ def test_forwarded_headers_from_a_trusted_peer_set_the_url(ingress_at):
     assert _url_base(pinned, FORWARDED) == "https://pinned.example"
 
 
-def test_a_peer_ray_replaced_from_x_forwarded_for(ingress_at):
-    """Ray's proxy (uvicorn, FORWARDED_ALLOW_IPS default 127.0.0.1,::1) hands a
-    loopback connection on with scheme from X-Forwarded-Proto and client from
-    X-Forwarded-For, port 0: what the scope looks like here."""
+def test_forwarded_headers_through_rays_proxy_middleware(ingress_at):
+    """Ray's proxy hands a connection from 127.0.0.1 on with the scheme from
+    X-Forwarded-Proto and the client from X-Forwarded-For already applied:
+    the peer (a proxy on the same host) is still judged by trusted_proxies."""
     headers = {**FORWARDED, "X-Forwarded-For": "198.51.100.7"}
-    untrusting = ingress_at(("198.51.100.7", 0), base_url="https://testserver")
+    untrusting = ingress_at(("127.0.0.1", 50000), behind_ray_proxy=True)
     assert _url_base(untrusting, headers) == "http://testserver"
-    trusting = ingress_at(("198.51.100.7", 0), base_url="https://testserver", trusted_proxies=["127.0.0.1"])
+    assert _url_base(untrusting, {"X-Forwarded-Proto": "https"}) == "http://testserver"
+    trusting = ingress_at(("127.0.0.1", 50000), behind_ray_proxy=True, trusted_proxies=["127.0.0.1"])
     assert _url_base(trusting, headers) == "https://images.example.com"
-    # The same client address on a real connection (a port) is that client itself: not trusted.
-    direct = ingress_at(("198.51.100.7", 51234), trusted_proxies=["127.0.0.1"])
-    assert _url_base(direct, headers) == "http://testserver"
+    assert _url_base(trusting, {"X-Forwarded-Proto": "https"}) == "https://testserver"
+    # A client elsewhere naming a trusted address in X-Forwarded-For gains nothing.
+    remote = ingress_at(("198.51.100.7", 50000), behind_ray_proxy=True, trusted_proxies=["127.0.0.1"])
+    assert _url_base(remote, {**FORWARDED, "X-Forwarded-For": "127.0.0.1"}) == "http://testserver"
+    # Nor one naming its own address and port, which is what a replaced client looks like with a port.
+    assert _url_base(remote, {**FORWARDED, "X-Forwarded-For": "198.51.100.7:50000"}) == "http://testserver"
