@@ -67,13 +67,17 @@ def test_page_loads_under_its_csp_with_no_error(page, playground_server):
 
 def test_generation_streams_previews_then_the_final_image_with_its_seed(page, playground_server, tmp_path):
     open_playground(page, playground_server)
-    model = page.evaluate("document.querySelector('#model').value")
-    family = page.evaluate(f"document.querySelector('#model option[value=\"{model}\"]').textContent")
-    assert "gpt-image" in family, "the page starts on a model that streams"
+    assert "(gpt-image" in page.evaluate("document.querySelector('#model').selectedOptions[0].textContent"), (
+        "the page starts on a model that streams"
+    )
+    # The streaming model with the most quality tiers, at its highest (the most
+    # steps), so that the previews come well before the end.
+    models = httpx.get(f"{playground_server.url}/v1/models", headers={"Authorization": f"Bearer {TEST_API_KEY}"}).json()["data"]
+    model = max((m for m in models if m["family"].startswith("gpt-image")), key=lambda m: len(m["qualities"]))
+    page.choose("#model", model["id"])
+    page.choose("#quality", [q for q in model["qualities"] if q != "auto"][-1])
     page.choose("#size", "custom")
     page.type_into("#size-custom", "256x256")
-    # The highest tier has the most steps, so both previews come well before the end.
-    page.choose("#quality", page.evaluate("[...document.querySelectorAll('#quality option')].map((o) => o.value).filter((q) => q !== 'auto').pop()"))
     page.evaluate("document.querySelector('#partial_images').value = '2'")
     # Every state a result card goes through, and every image the browser decoded for it.
     page.evaluate(
