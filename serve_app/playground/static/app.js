@@ -241,20 +241,17 @@
 
   // ---- Requests ----
 
-  // The seed as typed: digits go out as a JSON number (as text, since seeds go
-  // up to 2^63-1, past what a JS number holds); anything else is sent as typed
-  // so that the API's own message names the problem.
-  function seedText() {
-    const raw = fields.seed.value.trim();
-    return raw;
+  // The seed to send, as text: the one typed, else (when streaming, whose
+  // events carry no seed) a random one, so that every result can show its seed.
+  function seedToSend(streaming) {
+    const typed = fields.seed.value.trim();
+    if (typed || !streaming) return typed || null;
+    return String(crypto.getRandomValues(new Uint32Array(1))[0]);
   }
 
-  function randomSeed() {
-    const words = crypto.getRandomValues(new Uint32Array(1));
-    return String(words[0]);
-  }
-
-  // JSON with the seed spliced in as a number literal, exactly as typed.
+  // The JSON body with the seed spliced in. Digits go out as a number literal
+  // exactly as typed (seeds go up to 2^63-1, past what a JS number holds);
+  // anything else as a string, so that the API's own message names the problem.
   function jsonWithSeed(body, seed) {
     const json = JSON.stringify(body);
     if (seed === null) return json;
@@ -301,9 +298,7 @@
   async function runGenerate() {
     const model = currentModel();
     const streaming = wantsStream(model);
-    let seed = seedText() || null;
-    // A streamed image carries no seed, so the page chooses it to show it.
-    if (streaming && seed === null) seed = randomSeed();
+    const seed = seedToSend(streaming);
     const body = generationBody(model, streaming);
     await run(
       "v1/images/generations",
@@ -325,8 +320,7 @@
     }
     const model = currentModel();
     const streaming = wantsStream(model);
-    let seed = seedText() || null;
-    if (streaming && seed === null) seed = randomSeed();
+    const seed = seedToSend(streaming);
     const body = generationBody(model, streaming);
     // multipart/form-data as the OpenAI SDKs send it: one file in `image`, the
     // mask as a PNG of the same size, every other field as text.
@@ -368,6 +362,8 @@
     setBusy(controller);
     const started = performance.now();
     const cards = [];
+    // This request's cards go above the earlier results, in image order.
+    request.anchor = $("results").firstElementChild;
     try {
       const response = await fetch(new URL(path, API_BASE), {
         method: "POST",
@@ -376,7 +372,7 @@
         signal: controller.signal,
       });
       if (!response.ok) throw await errorOf(response);
-      for (let i = 0; i < Math.max(1, Math.min(request.count, 10)); i++) cards.push(newCard());
+      for (let i = 0; i < Math.max(1, Math.min(request.count, 10)); i++) cards.push(newCard(request.anchor));
       const type = response.headers.get("content-type") || "";
       if (type.startsWith("text/event-stream")) {
         await readStream(response, cards, request, started);
@@ -403,7 +399,7 @@
     const images = body.data || [];
     const elapsed = performance.now() - started;
     images.forEach((image, i) => {
-      const card = cards[i] || newCard();
+      const card = cards[i] || newCard(request.anchor);
       cards[i] = card;
       const format = body.output_format || request.format;
       setImage(card, base64Blob(image.b64_json, MIME[format] || "image/png"), format, "final");
@@ -446,7 +442,7 @@
           const card = cards[seen % cards.length];
           setImage(card, base64Blob(data.b64_json, MIME[format] || "image/png"), format, "partial", data.partial_image_index);
         } else if (kind.endsWith(".completed")) {
-          const card = cards[completed] || (cards[completed] = newCard());
+          const card = cards[completed] || (cards[completed] = newCard(request.anchor));
           setImage(card, base64Blob(data.b64_json, MIME[format] || "image/png"), format, "final");
           finishCard(card, {
             seed: seedOf(request, completed, null),
@@ -490,11 +486,11 @@
     $("results-empty").hidden = $("results").children.length > 0;
   }
 
-  function newCard() {
+  function newCard(anchor) {
     const element = $("result-template").content.firstElementChild.cloneNode(true);
     element.dataset.state = "waiting";
     element.querySelector(".badge").textContent = "waiting";
-    $("results").prepend(element);
+    $("results").insertBefore(element, anchor);
     updateEmpty();
     return { element, url: null, blob: null, done: false };
   }
