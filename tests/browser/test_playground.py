@@ -58,6 +58,9 @@ def test_page_loads_under_its_csp_with_no_error(page, playground_server):
     assert page.evaluate("[...document.querySelectorAll('#size option')].map((o) => o.value)") == chosen["sizes"] + custom
     assert page.problems() == []
     assert page.network_errors() == []
+    # Nothing from another host: every request went to the page's own origin.
+    urls = [r["url"] for r in page.requests()]
+    assert urls and all(u.startswith(playground_server.url + "/") or u.startswith("data:") for u in urls), urls
 
     # The watcher above does see a violation: an inline style attribute is refused.
     page.evaluate("document.body.insertAdjacentHTML('beforeend', '<p style=\"color: red\">x</p>')")
