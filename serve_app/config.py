@@ -8,6 +8,7 @@ its own YAML file (``configs/models.yaml`` by default) and is validated by
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -57,7 +58,7 @@ class PipelineConfig(_Strict):
         "variables and files. For a Hugging Face id: keyword arguments of huggingface_hub.snapshot_download "
         "(revision, token, ...).",
     )
-    builtin: Literal["tiny-sd", "tiny-sdxl"] | None = Field(
+    builtin: Literal["tiny-sd", "tiny-sdxl", "tiny-sd-inpaint"] | None = Field(
         default=None,
         description="If set and `source` holds no model yet, build this tiny random-weight "
         "model there on startup (the embedded offline default). Leave unset for real models.",
@@ -141,6 +142,40 @@ def _default_styles() -> dict[str, StylePreset]:
     }
 
 
+class EditPreset(_Strict):
+    """How an edit of this model starts from its input image."""
+
+    strength: dict[str, float] = Field(
+        default_factory=lambda: {"low": 0.75, "high": 0.45},
+        description="Image-to-image strength (0: keep the input, 1: start from pure noise) per input_fidelity "
+        "(low, high). Requests without input_fidelity use `low`. The denoiser runs strength x steps of the schedule.",
+    )
+    inpaint_strength: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Strength where a mask marks the region to edit (1: repaint it whole)."
+    )
+    variation_strength: float = Field(
+        default=0.7, ge=0.0, le=1.0, description="Strength of /v1/images/variations (dall-e-2 family)."
+    )
+    variation_prompt: str = Field(default="", description="Prompt a variation is conditioned on; empty by default.")
+    feather_px: int = Field(
+        default=4,
+        ge=0,
+        le=64,
+        description="After decoding, the input's pixels are put back wherever the mask is opaque, blending over "
+        "this many pixels into the edited region so the seam does not show. Protected pixels are never changed.",
+    )
+
+    @field_validator("strength")
+    @classmethod
+    def _fidelities(cls, strength: dict[str, float]) -> dict[str, float]:
+        for key, value in strength.items():
+            if key not in ("low", "high"):
+                raise ValueError(f"strength keys are input_fidelity values, low and high; not {key!r}")
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"strength[{key}] must be between 0 and 1")
+        return {"low": 0.75, "high": 0.45, **strength}
+
+
 class ModelEntry(_Strict):
     id: str = Field(description="Model id clients send as `model`.")
     pipeline: str = Field(description="Key of the pipeline (in `pipelines`) that serves this id.")
@@ -171,6 +206,7 @@ class ModelEntry(_Strict):
         default="{prompt}, isolated on a plain flat white background",
         description="Prompt template used for `background=transparent`, asking for a backdrop easy to matte out.",
     )
+    edit: EditPreset = Field(default_factory=EditPreset, description="Edits and variations: strengths, variation prompt, feathering.")
 
     @field_validator("family")
     @classmethod
@@ -358,6 +394,61 @@ class RateLimits(_Strict):
         return self.requests_per_minute is not None or self.images_per_minute is not None
 
 
+# A host name (IDNA, i.e. xn-- for non-ASCII), an IPv4 address or a bracketed
+# IPv6 address, optionally "*." in front and ":port" behind.
+_HOST_PATTERN_RE = re.compile(r"^(\*\.)?([a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\])(:(\d{1,5}))?$")
+
+
+class ImageFetchSettings(_Strict):
+    """Fetching the http(s) image URLs clients name (edits' image_url). Off unless allowed_hosts lists hosts.
+
+    Every URL, and every redirect, must name an allowed host, and every address
+    that host resolves to must be public (or inside allowed_networks); the
+    connection then goes to that checked address, so DNS cannot change it."""
+
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts image URLs may name: 'host' (the scheme's default port only) or 'host:port', matched "
+        "exactly and case-insensitively; '*.example.com' also matches any subdomain of example.com (not "
+        "example.com itself). IPv6 addresses in brackets, non-ASCII names in their xn-- form. Empty (the "
+        "default): the server fetches no URLs, and clients must send images as uploads or data URLs.",
+    )
+    allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs (e.g. 10.1.2.0/24, 127.0.0.1/32) that an allowed host may resolve to although they "
+        "are loopback, private, link-local or otherwise non-public, which are refused by default: for an "
+        "internal image server, and for tests. Public addresses need no entry.",
+    )
+    max_bytes: int = Field(default=50 << 20, ge=1, description="Largest image body fetched; a longer one is refused.")
+    timeout_s: float = Field(
+        default=10.0, gt=0, description="Limit on a whole fetch (DNS, connections, redirects, body) in seconds."
+    )
+    max_redirects: int = Field(
+        default=3, ge=0, le=20, description="Redirects followed per fetch, each checked like the first URL."
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, hosts: list[str]) -> list[str]:
+        normalized = []
+        for entry in hosts:
+            host = entry.strip().lower()
+            m = _HOST_PATTERN_RE.match(host)
+            if m is None or (m.group(5) is not None and not 0 < int(m.group(5)) < 65536):
+                raise ValueError(
+                    f"allowed_hosts entry {entry!r} is not a host name, IP address or [IPv6 address], "
+                    "with an optional '*.' in front and ':port' behind"
+                )
+            normalized.append(host)
+        return normalized
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, networks: list[str]) -> list[str]:
+        # ip_network raises ValueError on a typo, which pydantic reports naming the field.
+        return [str(ipaddress.ip_network(n.strip(), strict=False)) for n in networks]
+
+
 class AppConfig(_Strict):
     """The `args:` of the application in serve_config.yaml."""
 
@@ -422,7 +513,26 @@ class AppConfig(_Strict):
         default_factory=RateLimits,
         description="Per-key limits, shared by all ingress replicas; beyond them 429 rate_limit_exceeded with Retry-After.",
     )
-    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body accepted (413 beyond).")
+    image_fetch: ImageFetchSettings = Field(
+        default_factory=ImageFetchSettings,
+        description="Whether and from where the server fetches http(s) image URLs named in edit requests "
+        "(off by default; data URLs and uploads always work).",
+    )
+    max_body_bytes: int = Field(
+        default=1 << 20, ge=1024, description="Largest JSON (or other non-multipart) request body accepted (413 beyond)."
+    )
+    max_upload_bytes: int = Field(
+        default=64 << 20,
+        ge=1024,
+        description="Largest multipart/form-data body (edits and variations with uploaded images), counted while "
+        "it streams in (413 beyond). Each image's own limit comes from its model family.",
+    )
+    max_input_pixels: int = Field(
+        default=4096 * 4096,
+        ge=64 * 64,
+        description="Largest width*height of an input image, checked from its header before it is decoded "
+        "(a decompression bomb is refused without being unpacked).",
+    )
     png_compress_level: int = Field(
         default=1,
         ge=0,

@@ -22,6 +22,18 @@ _TOKEN_FACTOR = {"low": 16, "medium": 32, "high": 64}
 
 
 @dataclass(frozen=True)
+class EditRules:
+    """What a family's edits (and variations) take as input images."""
+
+    max_images: int  # input images per request
+    formats: tuple[str, ...]  # as identified by their bytes
+    max_image_bytes: int  # per image
+    square_only: bool = False
+    # With no mask, the first image's own transparency marks where to edit (dall-e-2).
+    alpha_is_mask: bool = False
+
+
+@dataclass(frozen=True)
 class FamilyRules:
     name: str
     max_prompt_chars: int
@@ -38,6 +50,8 @@ class FamilyRules:
     uses_gpt_image_params: bool = False
     revised_prompt: bool = False
     response_extras: bool = False  # background, output_format, quality, size, usage on the response
+    edits: EditRules | None = None  # None: the family has no edits endpoint
+    variations: bool = False  # /v1/images/variations (takes the edit rules' inputs)
 
     def ignored(self, given: dict[str, object]) -> list[str]:
         """Names of the given (non-null) parameters this family does not use."""
@@ -68,6 +82,8 @@ FAMILIES: dict[str, FamilyRules] = {
         default_size="1024x1024",
         qualities=("standard",),
         default_quality="standard",
+        edits=EditRules(max_images=1, formats=("png",), max_image_bytes=4 << 20, square_only=True, alpha_is_mask=True),
+        variations=True,
     ),
     "dall-e-3": FamilyRules(
         name="dall-e-3",
@@ -94,6 +110,7 @@ FAMILIES: dict[str, FamilyRules] = {
         free_sizes=True,
         uses_gpt_image_params=True,
         response_extras=True,
+        edits=EditRules(max_images=16, formats=("png", "webp", "jpeg"), max_image_bytes=50 << 20),
     ),
 }
 
@@ -104,3 +121,17 @@ def output_tokens(width: int, height: int, quality: str) -> int:
     ceil(H*f/1024) * (ceil(W*f/1024) + 1)."""
     f = _TOKEN_FACTOR["high" if quality in BILLED_LIKE_HIGH else quality]
     return math.ceil(height * f / 1024) * (math.ceil(width * f / 1024) + 1)
+
+
+def input_image_tokens(width: int, height: int, fidelity: str) -> int:
+    """Input tokens of one input image of an edit, counted as OpenAI's vision
+    models count images: ``low`` fidelity a flat 85; ``high`` the image
+    scaled to fit 2048x2048 and then to a shortest side of at most 768, 170
+    per 512x512 tile plus 85."""
+    if fidelity == "low":
+        return 85
+    scale = min(1.0, 2048 / max(width, height))
+    w, h = width * scale, height * scale
+    scale = min(1.0, 768 / min(w, h))
+    w, h = w * scale, h * scale
+    return 170 * math.ceil(w / 512) * math.ceil(h / 512) + 85

@@ -16,18 +16,21 @@ from typing import Any, AsyncIterator, Callable, Protocol
 import numpy as np
 
 from serve_app.config import ModelEntry, ModelRegistry, PipelineConfig, parse_size
+from serve_app.edits import DecodedInputs, EditPlan, EditSource, auto_size, decode_inputs, plan_edit
 from serve_app.errors import invalid_request, storage_unavailable
 from serve_app.families import FAMILIES, GPT_IMAGE_ONLY_PARAMS, FamilyRules, output_tokens
-from serve_app.pipeline.types import DenoiseJob, PromptEmbeddings
+from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings, edit_steps
 from serve_app.protocol import (
     MAX_SEED,
     CompletedEvent,
+    EditCompletedEvent,
+    EditPartialImageEvent,
     Image,
-    ImageGenerationRequest,
     ImagesResponse,
     InputTokensDetails,
     PartialImageEvent,
     Usage,
+    _ImageRequest,
 )
 from serve_app.storage import StorageError
 
@@ -59,13 +62,20 @@ class ResolvedRequest:
     partial_images: int = 0
     end_user: str | None = None  # safety_identifier, else user
     ignored: list[str] = field(default_factory=list)
+    edit: EditPlan | None = None  # an edit or variation of an input image
+    events: str = "image_generation"  # stream event prefix: image_generation, or image_edit on the edits route
 
     @property
     def size(self) -> str:
         return f"{self.width}x{self.height}"
 
+    @property
+    def denoise_steps(self) -> int:
+        """Steps the denoiser actually runs (an edit runs the last `strength` of the schedule)."""
+        return self.steps if self.edit is None else edit_steps(self.steps, self.edit.strength)
 
-def _pick_model(req: ImageGenerationRequest, registry: ModelRegistry) -> ModelEntry:
+
+def _pick_model(req: _ImageRequest, registry: ModelRegistry) -> ModelEntry:
     if req.model is not None:
         model_id = req.model
     elif any(getattr(req, p) is not None for p in GPT_IMAGE_ONLY_PARAMS):
@@ -105,8 +115,13 @@ def _size_problem(size: str, model: ModelEntry, rules: FamilyRules, pipeline: Pi
     return rules.check_free_size(w, h, pipeline.max_pixels)
 
 
-def _resolve_size(req: ImageGenerationRequest, model: ModelEntry, rules: FamilyRules, pipeline: PipelineConfig) -> tuple[int, int]:
+def _resolve_size(
+    req: _ImageRequest, model: ModelEntry, rules: FamilyRules, pipeline: PipelineConfig, inputs: DecodedInputs | None
+) -> tuple[int, int]:
     size = req.size or "auto"
+    if size == "auto" and inputs is not None:
+        # An edit keeps its (first) input's aspect: the nearest size the model serves.
+        return parse_size(auto_size(inputs.images[0], served_sizes(model, pipeline)))
     if size == "auto":
         for candidate in (model.default_size, pipeline.default_size, rules.default_size):
             if candidate and _size_problem(candidate, model, rules, pipeline) is None:
@@ -118,18 +133,25 @@ def _resolve_size(req: ImageGenerationRequest, model: ModelEntry, rules: FamilyR
     return parse_size(size)
 
 
-def resolve_request(req: ImageGenerationRequest, registry: ModelRegistry) -> ResolvedRequest:
-    """Apply the model family's rules and the model's config; raise a 400 naming the parameter on a conflict."""
+def resolve_request(
+    req: _ImageRequest, registry: ModelRegistry, source: EditSource | None = None, max_input_pixels: int = 4096 * 4096
+) -> ResolvedRequest:
+    """Apply the model family's rules and the model's config; raise a 400 naming the parameter on a conflict.
+    With ``source``, the request edits (or varies) those input images."""
     model = _pick_model(req, registry)
     rules = FAMILIES[model.family]
     pipeline = registry.pipelines[model.pipeline]
-    given = req.model_dump(exclude_none=True)
+    given = req.model_dump(exclude_none=True, exclude={"images", "mask", "image"})
     ignored = rules.ignored(given)
+    # 0. Input images first: their rules depend on the family, and `auto` size on them.
+    inputs = decode_inputs(source, model, rules, max_input_pixels) if source is not None else None
+    # A variation has no prompt of its own: it is conditioned on the model's variation prompt.
+    user_prompt = model.edit.variation_prompt if source is not None and source.kind == "variation" else req.prompt
 
     # 1. Hard limits of the family.
-    if len(req.prompt) > rules.max_prompt_chars:
+    if len(user_prompt) > rules.max_prompt_chars:
         raise invalid_request(
-            f"The prompt is too long for model '{model.id}': {len(req.prompt)} characters, at most {rules.max_prompt_chars}.",
+            f"The prompt is too long for model '{model.id}': {len(user_prompt)} characters, at most {rules.max_prompt_chars}.",
             "prompt",
             "string_above_max_length",
         )
@@ -145,7 +167,7 @@ def resolve_request(req: ImageGenerationRequest, registry: ModelRegistry) -> Res
     ignored += [p for p in ("frame_count", "frame_duration_ms") if p in given]
 
     # 2. Size.
-    width, height = _resolve_size(req, model, rules, pipeline)
+    width, height = _resolve_size(req, model, rules, pipeline, inputs)
 
     # 3. Quality -> steps and guidance.
     quality = req.quality if req.quality not in (None, "auto") else rules.default_quality
@@ -156,8 +178,9 @@ def resolve_request(req: ImageGenerationRequest, registry: ModelRegistry) -> Res
             "quality",
         )
     steps, guidance = tier
-    if req.complexity is not None:
-        preset = model.complexity.get(req.complexity)
+    complexity = getattr(req, "complexity", None)
+    if complexity is not None:
+        preset = model.complexity.get(complexity)
         if preset is None:
             ignored.append("complexity")
         else:
@@ -165,11 +188,11 @@ def resolve_request(req: ImageGenerationRequest, registry: ModelRegistry) -> Res
             guidance = preset.guidance if preset.guidance is not None else guidance
 
     # 4. Style (dall-e-3) and background (gpt-image) shape the prompt.
-    prompt = req.prompt
+    prompt = user_prompt
     if rules.styles:
-        preset = model.styles.get(req.style or rules.default_style or "")
+        preset = model.styles.get(getattr(req, "style", None) or rules.default_style or "")
         if preset is not None:
-            prompt = preset.template.format(prompt=req.prompt)
+            prompt = preset.template.format(prompt=user_prompt)
             guidance = preset.guidance if preset.guidance is not None else guidance
     background = "opaque"
     output_format, compression = "png", 100
@@ -182,7 +205,7 @@ def resolve_request(req: ImageGenerationRequest, registry: ModelRegistry) -> Res
                 raise invalid_request(
                     "A transparent background needs an output format with alpha: png or webp, not jpeg.", "background"
                 )
-            prompt = model.transparent_template.format(prompt=req.prompt)
+            prompt = model.transparent_template.format(prompt=user_prompt)
 
     # 5. Streaming (gpt-image only; partial_images means nothing without it).
     stream = bool(req.stream) and rules.uses_gpt_image_params
@@ -197,7 +220,7 @@ def resolve_request(req: ImageGenerationRequest, registry: ModelRegistry) -> Res
         model=model,
         rules=rules,
         pipeline=pipeline,
-        user_prompt=req.prompt,
+        user_prompt=user_prompt,
         prompt=prompt,
         n=n,
         width=width,
@@ -215,6 +238,7 @@ def resolve_request(req: ImageGenerationRequest, registry: ModelRegistry) -> Res
         partial_images=partial_images if stream else 0,
         end_user=req.safety_identifier or req.user,
         ignored=sorted(set(ignored + req.unknown_fields())),
+        edit=plan_edit(source, inputs, model, pipeline, width, height) if source is not None and inputs is not None else None,
     )
 
 
@@ -222,6 +246,7 @@ class Stages(Protocol):
     """The stage calls a request makes, whatever runs them."""
 
     async def encode(self, prompt: str, count_prompt: str) -> PromptEmbeddings: ...
+    async def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None) -> EditLatents: ...
     async def denoise(self, job: DenoiseJob) -> np.ndarray: ...
     def denoise_stream(self, job: DenoiseJob, preview_steps: list[int]) -> AsyncIterator[tuple[str, np.ndarray]]: ...
     async def decode(self, latents: np.ndarray) -> np.ndarray: ...
@@ -238,6 +263,10 @@ class PostProcessSpec:
     compression: int
     response_format: str  # "b64_json" or "url"
     transparent: bool = False
+    # An inpainting edit: the input's pixels go back wherever this alpha (OpenAI's mask) protects them.
+    keep_pixels: np.ndarray | None = None
+    keep_alpha: np.ndarray | None = None
+    feather_px: int = 0
 
 
 def preview_steps(steps: int, partial_images: int) -> list[int]:
@@ -251,21 +280,39 @@ def preview_steps(steps: int, partial_images: int) -> list[int]:
 
 def usage_for(r: ResolvedRequest, embeddings: PromptEmbeddings, images: int) -> Usage:
     text_tokens = embeddings.token_count
+    image_tokens = r.edit.image_tokens if r.edit is not None else 0
     out = images * output_tokens(r.width, r.height, r.quality)
     return Usage(
-        input_tokens=text_tokens,
-        input_tokens_details=InputTokensDetails(text_tokens=text_tokens, image_tokens=0),
+        input_tokens=text_tokens + image_tokens,
+        input_tokens_details=InputTokensDetails(text_tokens=text_tokens, image_tokens=image_tokens),
         output_tokens=out,
-        total_tokens=text_tokens + out,
+        total_tokens=text_tokens + image_tokens + out,
     )
 
 
 def _final_spec(r: ResolvedRequest, response_format: str) -> PostProcessSpec:
-    return PostProcessSpec(r.output_format, r.output_compression, response_format, r.background == "transparent")
+    spec = PostProcessSpec(r.output_format, r.output_compression, response_format, r.background == "transparent")
+    if r.edit is not None and r.edit.alpha is not None:
+        spec = PostProcessSpec(
+            spec.output_format, spec.compression, spec.response_format, spec.transparent,
+            keep_pixels=r.edit.pixels, keep_alpha=r.edit.alpha, feather_px=r.edit.feather_px,
+        )
+    return spec
 
 
-def _job(r: ResolvedRequest, embeddings: PromptEmbeddings) -> DenoiseJob:
-    return DenoiseJob(embeddings, r.seeds, r.height, r.width, r.steps, r.guidance)
+async def _condition(r: ResolvedRequest, stages: Stages) -> tuple[PromptEmbeddings, EditLatents | None]:
+    """Encode the prompt and, for an edit, the input image (concurrently: they run on different stages)."""
+    if r.edit is None:
+        return await stages.encode(r.prompt, r.user_prompt), None
+    embeddings, latents = await asyncio.gather(
+        stages.encode(r.prompt, r.user_prompt), stages.encode_image(r.edit.pixels, r.edit.alpha)
+    )
+    return embeddings, latents
+
+
+def _job(r: ResolvedRequest, embeddings: PromptEmbeddings, edit: EditLatents | None = None) -> DenoiseJob:
+    strength = r.edit.strength if r.edit is not None else 1.0
+    return DenoiseJob(embeddings, r.seeds, r.height, r.width, r.steps, r.guidance, edit=edit, strength=strength)
 
 
 async def generate(
@@ -275,10 +322,10 @@ async def generate(
     clock: Callable[[], float] = time.time,
 ) -> ImagesResponse:
     """Run one request through the stages and assemble the OpenAI response."""
-    # 1. Encode the prompt once, whatever n is.
-    embeddings = await stages.encode(r.prompt, r.user_prompt)
+    # 1. Encode the prompt once, whatever n is (and an edit's input image).
+    embeddings, edit = await _condition(r, stages)
     # 2. Denoise all n images as one batch, each from its own seed.
-    latents = await stages.denoise(_job(r, embeddings))
+    latents = await stages.denoise(_job(r, embeddings, edit))
     # 3. Decode the batch to pixels.
     pixels = await stages.decode(latents)
     # 4. Encode (and store) each image; images can go to different replicas.
@@ -328,25 +375,28 @@ async def _discard(stages: Stages, names: list[str]) -> None:
 
 async def generate_stream(
     r: ResolvedRequest, stages: Stages, clock: Callable[[], float] = time.time
-) -> AsyncIterator[PartialImageEvent | CompletedEvent]:
+) -> AsyncIterator[PartialImageEvent | CompletedEvent | EditPartialImageEvent | EditCompletedEvent]:
     """Like :func:`generate`, as events: each image's previews as the denoiser
     reaches them, then each image's completed event. Streamed images are
     always base64, as in OpenAI's API."""
-    embeddings = await stages.encode(r.prompt, r.user_prompt)
-    job = _job(r, embeddings)
+    embeddings, edit = await _condition(r, stages)
+    job = _job(r, embeddings, edit)
     common = dict(size=r.size, quality=r.quality, background=r.background, output_format=r.output_format)
     preview_spec = PostProcessSpec(r.output_format, r.output_compression, "b64_json", False)
+    partial_event, completed_event = (
+        (EditPartialImageEvent, EditCompletedEvent) if r.events == "image_edit" else (PartialImageEvent, CompletedEvent)
+    )
     index = 0
-    async for kind, latents in stages.denoise_stream(job, preview_steps(r.steps, r.partial_images)):
+    async for kind, latents in stages.denoise_stream(job, preview_steps(r.denoise_steps, r.partial_images)):
         pixels = await stages.decode(latents)
         if kind == "preview":
             encoded = await asyncio.gather(*(stages.postprocess(pixels[i], preview_spec) for i in range(r.n)))
             for out in encoded:
-                yield PartialImageEvent(b64_json=out["b64_json"], created_at=int(clock()), partial_image_index=index, **common)
+                yield partial_event(b64_json=out["b64_json"], created_at=int(clock()), partial_image_index=index, **common)
             index += 1
         else:
             spec = _final_spec(r, "b64_json")
             encoded = await asyncio.gather(*(stages.postprocess(pixels[i], spec) for i in range(r.n)))
             usage = usage_for(r, embeddings, 1)
             for out in encoded:
-                yield CompletedEvent(b64_json=out["b64_json"], created_at=int(clock()), usage=usage, **common)
+                yield completed_event(b64_json=out["b64_json"], created_at=int(clock()), usage=usage, **common)

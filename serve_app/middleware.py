@@ -18,6 +18,9 @@ from serve_app.security import ApiKeys
 
 # Routes that need no API key: liveness, the API's own description, and
 # signed image URLs (the signature is the credential).
+# Routes whose bodies carry input images (their ends, so every alias matches).
+UPLOAD_ROUTES = ("/images/edits", "/images/variations")
+
 PUBLIC_PREFIXES = ("/health", "/v1/health", "/openapi.json", "/docs", "/v1/images/files/")
 
 
@@ -34,6 +37,7 @@ class GuardSettings:
 
     api_keys: ApiKeys = field(default_factory=lambda: ApiKeys([]))
     max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 64 << 20  # multipart/form-data bodies (uploaded images)
 
 
 class BodyTooLarge(OpenAIError):
@@ -76,7 +80,7 @@ class RequestGuard:
             await error.response()(scope, receive, send_with_id)
             return
 
-        limit = self.settings.max_body_bytes
+        limit = self._limit(path, headers)
         received = 0
         answered = False
 
@@ -112,13 +116,21 @@ class RequestGuard:
                 raise
             await to_openai_error(exc, request_id).response()(scope, receive, send_with_id)
 
+    def _limit(self, path: str, headers: dict[str, str]) -> int:
+        """Bodies that carry images get their own, larger limit: any multipart
+        upload, and any body of the edits and variations routes (the JSON
+        edits body carries its images as data URLs)."""
+        if path.endswith(UPLOAD_ROUTES) or headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            return self.settings.max_upload_bytes
+        return self.settings.max_body_bytes
+
     def _check(self, path: str, headers: dict[str, str], state: dict) -> OpenAIError | None:
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
                 return OpenAIError(400, "Invalid Content-Length header.", code="invalid_content_length")
-            if int(length) > self.settings.max_body_bytes:
-                return BodyTooLarge(self.settings.max_body_bytes)
+            if int(length) > self._limit(path, headers):
+                return BodyTooLarge(self._limit(path, headers))
         keys = self.settings.api_keys
         # Which key it was (its digest) is what per-key rate limits count under.
         state["api_key_id"] = keys.identify(headers.get("authorization")) if keys.enabled else None

@@ -21,25 +21,17 @@ Style = Literal["vivid", "natural"]
 Background = Literal["transparent", "opaque", "auto"]
 Moderation = Literal["low", "auto"]
 Complexity = Literal["low", "medium", "high"]
+InputFidelity = Literal["low", "high"]
 SIZE_PATTERN = r"^(auto|[1-9][0-9]{1,4}x[1-9][0-9]{1,4})$"
 
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 32000
 
 
-class ImageGenerationRequest(BaseModel):
-    """Body of ``POST /v1/images/generations``."""
+class _ImageRequest(BaseModel):
+    """The fields every image-producing request shares (generations, edits)."""
 
-    model_config = ConfigDict(
-        extra="allow",
-        json_schema_extra={
-            "examples": [
-                {"prompt": "A sea otter asleep on a kelp bed, watercolor", "model": "dall-e-2", "n": 2, "size": "256x256"},
-                {"prompt": "A lighthouse at dusk", "model": "gpt-image-1", "size": "1024x1024", "quality": "low"},
-                {"prompt": "A red fox in snow", "model": "gpt-image-1", "size": "1024x1024", "stream": True, "partial_images": 2},
-            ]
-        },
-    )
+    model_config = ConfigDict(extra="allow")
 
     prompt: StrictStr = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="Text description of the image(s).")
     model: StrictStr | None = Field(default=None, description="Model id; the configured default if absent.")
@@ -56,7 +48,6 @@ class ImageGenerationRequest(BaseModel):
         default=None, ge=0, le=100, description="0-100 for jpeg and webp (higher keeps more detail); default 100."
     )
     quality: Quality | None = Field(default=None, description="Quality tier; allowed values depend on the model family.")
-    style: Style | None = Field(default=None, description="vivid or natural (dall-e-3).")
     background: Background | None = Field(default=None, description="transparent, opaque or auto (gpt-image).")
     moderation: Moderation | None = Field(default=None, description="auto (all categories) or low (severe only).")
     stream: StrictBool | None = Field(default=None, description="Stream partial images as server-sent events (gpt-image).")
@@ -65,14 +56,91 @@ class ImageGenerationRequest(BaseModel):
     safety_identifier: StrictStr | None = Field(
         default=None, max_length=256, description="Stable end-user id; takes precedence over `user`."
     )
-    complexity: Complexity | None = Field(default=None, description="Accepted; ignored unless the model maps it to a preset.")
-    frame_count: StrictInt | None = Field(default=None, ge=2, le=16, description="GIF frames (gif is not supported).")
-    frame_duration_ms: StrictInt | None = Field(default=None, ge=1, le=60000, description="GIF frame delay (gif is not supported).")
     seed: StrictInt | None = Field(
         default=None,
         ge=0,
         le=MAX_SEED,
         description="Extension: seed of the first image's initial noise; image i uses seed + i. Random if absent.",
+    )
+
+    def unknown_fields(self) -> list[str]:
+        return sorted((self.model_extra or {}).keys())
+
+
+class ImageGenerationRequest(_ImageRequest):
+    """Body of ``POST /v1/images/generations``."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {"prompt": "A sea otter asleep on a kelp bed, watercolor", "model": "dall-e-2", "n": 2, "size": "256x256"},
+                {"prompt": "A lighthouse at dusk", "model": "gpt-image-1", "size": "1024x1024", "quality": "low"},
+                {"prompt": "A red fox in snow", "model": "gpt-image-1", "size": "1024x1024", "stream": True, "partial_images": 2},
+            ]
+        },
+    )
+
+    style: Style | None = Field(default=None, description="vivid or natural (dall-e-3).")
+    complexity: Complexity | None = Field(default=None, description="Accepted; ignored unless the model maps it to a preset.")
+    frame_count: StrictInt | None = Field(default=None, ge=2, le=16, description="GIF frames (gif is not supported).")
+    frame_duration_ms: StrictInt | None = Field(default=None, ge=1, le=60000, description="GIF frame delay (gif is not supported).")
+    image: StrictStr | list[StrictStr] | None = Field(
+        default=None,
+        description="Makes the request an edit of these images (as /v1/images/edits): each a data URL, bare base64, "
+        "or an http(s) URL (fetched only where the server allows it).",
+    )
+
+
+class ImageReference(BaseModel):
+    """An input image of the JSON edits body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_url: StrictStr | None = Field(default=None, description="A data URL, or an http(s) URL the server may fetch.")
+    file_id: StrictStr | None = Field(default=None, description="Not supported: this server has no Files API.")
+
+
+class ImageEditRequest(_ImageRequest):
+    """Body of ``POST /v1/images/edits``: JSON, or multipart form fields (the
+    images then come as files ``image`` / ``image[]`` and ``mask``)."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "Add a red hat",
+                    "model": "gpt-image-1",
+                    "images": [{"image_url": "data:image/png;base64,iVBORw0KGgo..."}],
+                }
+            ]
+        },
+    )
+
+    images: list[ImageReference] | None = Field(
+        default=None, min_length=1, max_length=16, description="JSON body: the input images (the first is edited)."
+    )
+    mask: ImageReference | None = Field(
+        default=None, description="JSON body: a PNG the size of the first image; alpha 0 marks where to edit."
+    )
+    input_fidelity: InputFidelity | None = Field(
+        default=None, description="low or high: how closely the edit keeps the input (gpt-image)."
+    )
+
+
+class ImageVariationRequest(BaseModel):
+    """Form fields of ``POST /v1/images/variations`` (the image comes as the file ``image``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr | None = Field(default=None, description="Model id (dall-e-2 family); the configured default if absent.")
+    n: StrictInt | None = Field(default=None, ge=1, le=10, description="Number of variations, 1-10.")
+    size: StrictStr | None = Field(default=None, pattern=SIZE_PATTERN, description="256x256, 512x512 or 1024x1024.")
+    response_format: ResponseFormat | None = Field(default=None, description="url or b64_json.")
+    user: StrictStr | None = Field(default=None, max_length=256, description="End-user id; logged only as a hash.")
+    seed: StrictInt | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="Extension: seed of the first variation; variation i uses seed + i."
     )
 
     def unknown_fields(self) -> list[str]:
@@ -138,6 +206,15 @@ class CompletedEvent(_StreamEventBase):
     usage: Usage
 
 
+# An edit's events carry the same fields under their own type names.
+class EditPartialImageEvent(PartialImageEvent):
+    type: Literal["image_edit.partial_image"] = "image_edit.partial_image"  # type: ignore[assignment]
+
+
+class EditCompletedEvent(CompletedEvent):
+    type: Literal["image_edit.completed"] = "image_edit.completed"  # type: ignore[assignment]
+
+
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -186,5 +263,11 @@ class Health(BaseModel):
 STREAM_EVENTS: dict[str, type[BaseModel]] = {
     "image_generation.partial_image": PartialImageEvent,
     "image_generation.completed": CompletedEvent,
+    "error": ErrorResponse,
+}
+# A streamed edit (``/v1/images/edits`` with ``stream: true``) names its events image_edit.*.
+EDIT_STREAM_EVENTS: dict[str, type[BaseModel]] = {
+    "image_edit.partial_image": EditPartialImageEvent,
+    "image_edit.completed": EditCompletedEvent,
     "error": ErrorResponse,
 }

@@ -25,7 +25,7 @@ from serve_app.deployments.denoiser import Denoiser
 from serve_app.deployments.text_encoder import TextEncoder
 from serve_app.deployments.vae_decoder import VaeDecoder
 from serve_app.pipeline.components import PipelineLayout
-from serve_app.pipeline.types import DenoiseJob, PromptEmbeddings
+from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings
 
 LATENT_CHANNELS = 4
 SCALE = 8
@@ -78,6 +78,18 @@ class SleepyDenoiser:
         return True
 
 
+class SleepyImageEncoder:
+    """The VAE encoder's stand-in: latents of the real shape, derived from the pixels."""
+
+    def encode(self, pixels: np.ndarray, alpha: np.ndarray | None = None) -> EditLatents:
+        h, w = pixels.shape[0] // SCALE, pixels.shape[1] // SCALE
+        mean = np.broadcast_to(pixels[::SCALE, ::SCALE, :1].transpose(2, 0, 1) / 255.0, (LATENT_CHANNELS, h, w))
+        latents = EditLatents(mean=np.ascontiguousarray(mean[None], np.float32), std=np.zeros((1, LATENT_CHANNELS, h, w), np.float32))
+        if alpha is not None:
+            latents.mask = (alpha[::SCALE, ::SCALE] < 128).astype(np.float32)[None, None]
+        return latents
+
+
 class SleepyDecoder:
     def __init__(self, batch_s: float):
         self.batch_s = batch_s
@@ -114,6 +126,7 @@ def stub_model_stages(step_s: float = 0.05, decode_s: float = 0.02, load_s: floa
         def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
             time.sleep(load_s)
             self.decoder = SleepyDecoder(decode_s)
+            self.encoder = SleepyImageEncoder()
             self.batches = BatchRunner("vae_decoder", self.decoder.decode_many, self.options)
 
     return {"text_encoder": StubTextEncoder, "denoiser": StubDenoiser, "vae_decoder": StubVaeDecoder}

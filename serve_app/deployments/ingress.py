@@ -38,6 +38,9 @@ from serve_app.errors import (
     to_openai_error,
 )
 from serve_app.deployments.stage_handles import HandleStages
+from serve_app.edit_bodies import as_edit_request, read_edit, read_variation, reference_bytes
+from serve_app.edits import EditSource
+from serve_app.image_fetch import ImageFetcher
 from serve_app.families import FAMILIES
 from serve_app.generation import (
     ResolvedRequest,
@@ -55,8 +58,12 @@ from serve_app.protocol import (
     STREAM_EVENTS,
     ErrorResponse,
     Health,
+    EDIT_STREAM_EVENTS,
+    ImageEditRequest,
     ImageGenerationRequest,
     ImagesResponse,
+    ImageVariationRequest,
+    _ImageRequest,
     Model,
     ModelList,
 )
@@ -69,6 +76,7 @@ _RESPONSE_JSON = TypeAdapter(ImagesResponse)
 # What each error status means here; every one has the OpenAI error body.
 _ERRORS: dict[int, str] = {
     400: "Invalid request; `error.param` names the parameter, where there is one.",
+    415: "The body's Content-Type is not one this route reads.",
     401: "Missing or wrong API key.",
     403: "Invalid or expired image URL signature.",
     404: "No such image.",
@@ -87,23 +95,44 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 # `stream: true` answers 200 with server-sent events: each event's `data` is
 # the JSON of the model its name says (OpenAPI before 3.2 has the schema of an
 # event-stream describe one event, as {event, data}).
-_EVENT_STREAM_SCHEMA = {
-    "oneOf": [
-        {
-            "type": "object",
-            "required": ["event", "data"],
-            "properties": {
-                "event": {"const": name},
-                "data": {
-                    "type": "string",
-                    "contentMediaType": "application/json",
-                    "contentSchema": {"$ref": f"#/components/schemas/{model.__name__}"},
+def _event_stream_schema(events: dict[str, type]) -> dict[str, Any]:
+    return {
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": {"const": name},
+                    "data": {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {"$ref": f"#/components/schemas/{model.__name__}"},
+                    },
                 },
-            },
-        }
-        for name, model in STREAM_EVENTS.items()
-    ]
-}
+            }
+            for name, model in events.items()
+        ]
+    }
+
+
+_EVENT_STREAM_SCHEMA = _event_stream_schema(STREAM_EVENTS)
+
+
+def _form_schema(model: type, skip: tuple[str, ...], with_mask: bool) -> dict[str, Any]:
+    """The multipart form of an edits or variations body: the model's fields
+    as text (the SDKs send every value as a string) and the image files."""
+    fields = {
+        name: {"type": "string", "description": f.description or ""}
+        for name, f in model.model_fields.items()
+        if name not in skip
+    }
+    binary = {"type": "string", "format": "binary"}
+    fields["image"] = {**binary, "description": "The image to edit (one file)."}
+    fields["image[]"] = {"type": "array", "items": binary, "description": "Several images (the first is edited)."}
+    if with_mask:
+        fields["mask"] = {**binary, "description": "PNG the size of the image; alpha 0 marks where to edit."}
+    required = ["prompt"] if "prompt" in fields else []
+    return {"type": "object", "properties": fields, "required": required}
 
 # At most this much of the x-ignored-parameters header: a client can send thousands of unknown fields.
 MAX_IGNORED_HEADER_CHARS = 1024
@@ -155,6 +184,7 @@ class ImagesIngress:
         self.moderator: Moderator = (
             PatternModerator.from_file(resolve_path(registry.moderation)) if registry.moderation else AllowAll()
         )
+        self.fetcher = ImageFetcher(config.image_fetch)
         self.api_keys = ApiKeys.from_sources(os.environ.get(API_KEYS_ENV), config.api_keys_file)
         if not self.api_keys.enabled:
             logger.warning("No API key configured (%s or api_keys_file): the API is open to anyone who can reach it.", API_KEYS_ENV)
@@ -203,16 +233,45 @@ class ImagesIngress:
         self._health[pipeline] = (time.monotonic(), problem)
         return problem
 
+    async def fetch_image(self, url: str, param: str) -> bytes:
+        """An http(s) image URL's bytes, where config allows fetching it (off by default)."""
+        return await self.fetcher.fetch(url, param)
+
     async def create_image(self, body: ImageGenerationRequest, request: Request) -> Response:
+        source = None
+        if body.image is not None:
+            # `image` on generations makes the request an edit of those images.
+            refs = [("image", body.image)] if isinstance(body.image, str) else [(f"image[{i}]", v) for i, v in enumerate(body.image)]
+            source = EditSource("edit", [(p, await reference_bytes(v, p, self.fetch_image)) for p, v in refs])
+        return await self._serve(body, source, request)
+
+    async def create_edit(self, request: Request) -> Response:
+        body, source = await read_edit(request, self.fetch_image)
+        return await self._serve(body, source, request, events="image_edit")
+
+    async def create_variation(self, request: Request) -> Response:
+        body, source = await read_variation(request, self.fetch_image)
+        return await self._serve(as_edit_request(body), source, request, extra_ignored=body.unknown_fields())
+
+    async def _serve(
+        self,
+        body: _ImageRequest,
+        source: EditSource | None,
+        request: Request,
+        events: str = "image_generation",
+        extra_ignored: list[str] = (),
+    ) -> Response:
         # The model's rules first: a bad request is a 400 even under overload.
-        r = resolve_request(body, self.registry)
+        r = resolve_request(body, self.registry, source, self.config.max_input_pixels)
+        r.events = events
+        r.ignored = sorted(set(r.ignored) | set(extra_ignored))
         # Admission: refuse at once past the configured concurrency, so that
         # overload is a fast, readable 429 rather than an ever longer queue.
         if self.in_flight >= self.config.max_concurrent_requests:
             raise server_overloaded("this ingress replica")
         slot = _Slot(self)
         try:
-            response = await self._create_image(r, body, request, slot)
+            response = await self._create_image(r, request, slot)
         except BaseException:
             slot.release()
             raise
@@ -224,7 +283,7 @@ class ImagesIngress:
             slot.release()
         return response
 
-    async def _create_image(self, r: ResolvedRequest, body: ImageGenerationRequest, request: Request, slot: "_Slot") -> Response:
+    async def _create_image(self, r: ResolvedRequest, request: Request, slot: "_Slot") -> Response:
         request_id = request_id_of(request)
         if await self.stages_starting(r.model.pipeline):
             raise model_not_ready(r.model.id)
@@ -232,14 +291,15 @@ class ImagesIngress:
             raise model_unavailable(r.model.id)
         headers = await self._admit_for_rate_limits(request, r.n)
         logger.info(
-            "request %s: model=%s n=%d size=%s quality=%s stream=%s prompt_chars=%d user=%s",
+            "request %s: %s model=%s n=%d size=%s quality=%s stream=%s prompt_chars=%d user=%s",
             request_id,
+            r.edit.kind if r.edit is not None else "generation",
             r.model.id,
             r.n,
             r.size,
             r.quality,
             r.stream,
-            len(body.prompt),
+            len(r.user_prompt),
             hash_for_log(r.end_user) if r.end_user else "-",
         )
         # Moderation runs before any model work.
@@ -399,7 +459,12 @@ def build_api(ingress: ImagesIngress) -> FastAPI:
     )
     install_error_handlers(api)
     api.add_middleware(
-        RequestGuard, settings=GuardSettings(api_keys=ingress.api_keys, max_body_bytes=ingress.config.max_body_bytes)
+        RequestGuard,
+        settings=GuardSettings(
+            api_keys=ingress.api_keys,
+            max_body_bytes=ingress.config.max_body_bytes,
+            max_upload_bytes=ingress.config.max_upload_bytes,
+        ),
     )
     # Clients that set base_url without /v1, and some proxies, use the aliases.
     for i, path in enumerate(("/v1/images/generations", "/images/generations", "/api/images/generations")):
@@ -414,6 +479,35 @@ def build_api(ingress: ImagesIngress) -> FastAPI:
             },
             include_in_schema=i == 0, operation_id=None if i == 0 else f"create_image_alias_{i}",
         )
+    edit_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": _form_schema(ImageEditRequest, ("images", "mask"), with_mask=True)},
+                "application/json": {"schema": {"$ref": "#/components/schemas/ImageEditRequest"}},
+            },
+        }
+    }
+    variation_body = {
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": _form_schema(ImageVariationRequest, (), with_mask=False)}},
+        }
+    }
+    for route, handler, extra, events, summary in (
+        ("edits", ingress.create_edit, edit_body, EDIT_STREAM_EVENTS, "Edit images (multipart as the SDKs send it, or JSON)"),
+        ("variations", ingress.create_variation, variation_body, None, "Variations of an image (dall-e-2 family)"),
+    ):
+        for i, path in enumerate((f"/v1/images/{route}", f"/images/{route}", f"/api/images/{route}")):
+            ok: dict[str, Any] = {"description": "The images" + ("; with `stream: true`, server-sent events." if events else ".")}
+            if events:
+                ok["content"] = {"text/event-stream": {"schema": _event_stream_schema(events)}}
+            api.add_api_route(
+                path, handler, methods=["POST"], response_model=ImagesResponse, summary=summary,
+                responses={200: ok, **_errors(400, 401, 413, 415, 429, 500, 503, 504)},
+                openapi_extra=extra, include_in_schema=i == 0,
+                operation_id=f"create_{route}" if i == 0 else f"create_{route}_alias_{i}",
+            )
     for i, path in enumerate(("/v1/models", "/models")):
         api.add_api_route(
             path, ingress.list_models, methods=["GET"], response_model=ModelList,
@@ -455,7 +549,9 @@ def _openapi(api: FastAPI) -> Callable[[], dict[str, Any]]:
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
         _, events = models_json_schema(
-            [(m, "serialization") for m in STREAM_EVENTS.values()], ref_template="#/components/schemas/{model}"
+            [(m, "serialization") for m in dict.fromkeys([*STREAM_EVENTS.values(), *EDIT_STREAM_EVENTS.values()])]
+            + [(ImageEditRequest, "validation")],
+            ref_template="#/components/schemas/{model}",
         )
         for name, schema in events.get("$defs", {}).items():
             schemas.setdefault(name, schema)

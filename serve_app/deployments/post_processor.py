@@ -7,6 +7,7 @@ import base64
 import numpy as np
 
 from serve_app.codecs import encode_image
+from serve_app.compositing import composite
 from serve_app.config import AppConfig
 from serve_app.generation import PostProcessSpec
 from serve_app.matting import BackdropMatting, Matting
@@ -24,6 +25,8 @@ class PostProcessor:
 
     def process(self, pixels: np.ndarray, spec: PostProcessSpec) -> dict[str, str]:
         """Returns {"b64_json": ...} or {"name": stored image name}; StorageError if it cannot be stored."""
+        if spec.keep_alpha is not None and spec.keep_pixels is not None:
+            pixels = composite(pixels, spec.keep_pixels, spec.keep_alpha, spec.feather_px)
         if spec.transparent:
             pixels = self.matting.matte(pixels[..., :3])
         data = encode_image(pixels, spec.output_format, spec.compression, self.png_level)

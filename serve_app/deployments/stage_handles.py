@@ -22,7 +22,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from serve_app.errors import server_overloaded, stage_unavailable
 from serve_app.generation import PostProcessSpec
-from serve_app.pipeline.types import DenoiseJob, PromptEmbeddings
+from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings
 
 logger = logging.getLogger("serve_app")
 
@@ -58,6 +58,10 @@ class HandleStages:
 
     async def encode(self, prompt: str, count_prompt: str) -> PromptEmbeddings:
         return await call_stage("text encoder", lambda: self._te.encode.remote(prompt, count_prompt))
+
+    async def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None) -> EditLatents:
+        # The VAE encoder lives in the VAE decoder's replica (it loads the whole VAE).
+        return await call_stage("VAE encoder", lambda: self._vae.encode.remote(pixels, alpha))
 
     async def denoise(self, job: DenoiseJob) -> np.ndarray:
         return await call_stage("denoiser", lambda: self._dn.denoise.remote(job))

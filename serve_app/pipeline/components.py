@@ -20,8 +20,11 @@ import torch
 # Pipelines whose conditioning follows SDXL's rules: two text encoders whose
 # penultimate hidden states are concatenated, the second's pooled output and
 # six "added time ids" as extra UNet conditioning.
-_SDXL_CLASSES = {"StableDiffusionXLPipeline"}
-_SD_CLASSES = {"StableDiffusionPipeline"}
+# The img2img and inpaint variants share the text-to-image components; an
+# inpainting checkpoint differs only in its UNet (9 input channels), which
+# the stages read from the UNet's own config.
+_SDXL_CLASSES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"}
+_SD_CLASSES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
 
 
 class ModelLayoutError(RuntimeError):
@@ -72,6 +75,21 @@ class PipelineLayout:
             components=components,
             force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
         )
+
+    def component_config(self, name: str) -> dict[str, Any]:
+        """A component's config.json, read without loading its weights."""
+        path = self.root / name / "config.json"
+        if not path.is_file():
+            raise ModelLayoutError(f"{self.root}: {name}/config.json is missing")
+        return json.loads(path.read_text())
+
+    @property
+    def inpaint_unet(self) -> bool:
+        """True for an inpainting UNet, whose input is the latents, the mask
+        and the masked image's latents concatenated (SD and SDXL inpainting
+        checkpoints: 4 + 1 + 4 = 9 channels)."""
+        latent = self.component_config("vae").get("latent_channels", 4)
+        return self.component_config("unet").get("in_channels", latent) == 2 * latent + 1
 
     def load(self, name: str, dtype: torch.dtype | None = None, device: str = "cpu") -> Any:
         """Load one component with its own class's from_pretrained."""

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -11,7 +11,7 @@ import torch
 
 from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.sources import SourceFiles
-from serve_app.pipeline.types import DenoiseJob
+from serve_app.pipeline.types import DenoiseJob, edit_steps
 
 
 class LatentDenoiser:
@@ -28,9 +28,11 @@ class LatentDenoiser:
         self.scheduler = layout.load("scheduler")
         # The latent grid is the image divided by the VAE's downsampling
         # factor; read it from the VAE's config without loading the VAE.
-        vae_config = json.loads((layout.root / "vae" / "config.json").read_text())
+        vae_config = layout.component_config("vae")
         self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-        self.latent_channels = self.unet.config.in_channels
+        self.vae_scaling_factor = vae_config.get("scaling_factor", 0.18215)
+        self.latent_channels = vae_config.get("latent_channels", 4)
+        self.inpaint_unet = layout.inpaint_unet
         self.steps_run = 0  # denoising steps done by this replica, for tests and metrics
         self.on_step: Callable[[float], None] | None = None  # called with each step's seconds
 
@@ -41,7 +43,7 @@ class LatentDenoiser:
     def probe(self) -> bool:
         """One UNet forward on an 8x8 latent with empty conditioning; True when finite."""
         config = self.unet.config
-        latents = torch.zeros(1, self.latent_channels, 8, 8, device=self.device, dtype=self.dtype)
+        latents = torch.zeros(1, config.in_channels, 8, 8, device=self.device, dtype=self.dtype)
         cond = torch.zeros(1, 4, config.cross_attention_dim, device=self.device, dtype=self.dtype)
         added = None
         if self.layout.is_sdxl:
@@ -78,7 +80,7 @@ class LatentDenoiser:
         results: list[np.ndarray | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
-            groups.setdefault((job.height, job.width, job.steps, job.guidance), []).append(i)
+            groups.setdefault(job.batch_key(), []).append(i)
         for indices in groups.values():
             for kind, latents in self._run([jobs[i] for i in indices], set(), every_step=True):
                 if kind == "step":
@@ -98,30 +100,40 @@ class LatentDenoiser:
     def _run(
         self, jobs: list[DenoiseJob], preview_steps: set[int], every_step: bool = False
     ) -> Iterator[tuple[str, np.ndarray | None]]:
-        """The denoising loop over jobs of one size, step count and guidance, as one batch.
+        """The denoising loop over jobs of one batch key, as one batch.
         Yields previews, ("step", None) after each step if ``every_step``, and ("final", latents)."""
         # inference_mode is per thread and a generator may be resumed on
         # another thread, so it is entered per step, never across a yield.
         first = jobs[0]
         guided = first.guidance > 1.0
         with torch.inference_mode():
-            cond, added, scheduler, latents = self._prepare(jobs, guided)
+            cond, added, scheduler, timesteps, latents, edit = self._prepare(jobs, guided)
 
         # 4. Denoising loop with classifier-free guidance.
-        for i, step_t in enumerate(scheduler.timesteps, start=1):
+        for i, step_t in enumerate(timesteps, start=1):
             with torch.inference_mode():
                 started = time.perf_counter()
                 model_in = torch.cat([latents] * 2) if guided else latents
                 model_in = scheduler.scale_model_input(model_in, step_t)
+                if edit is not None and edit.unet_extra is not None:
+                    # An inpainting UNet also sees the mask and the masked image.
+                    model_in = torch.cat([model_in, edit.unet_extra], dim=1)
                 noise = self.unet(model_in, step_t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
                 if guided:
                     uncond, text = noise.chunk(2)
                     noise = uncond + first.guidance * (text - uncond)
                 out = scheduler.step(noise, step_t, latents)
                 latents = out.prev_sample
+                if edit is not None and edit.blend_mask is not None:
+                    # An ordinary UNet inpaints by putting the input back, noised
+                    # to the next step's level, wherever the mask keeps it.
+                    keep = edit.image_latents
+                    if i < len(timesteps):
+                        keep = scheduler.add_noise(keep, edit.noise, timesteps[i : i + 1])
+                    latents = (1 - edit.blend_mask) * keep + edit.blend_mask * latents
                 self.steps_run += 1
                 preview = None
-                if i in preview_steps and i < len(scheduler.timesteps):
+                if i in preview_steps and i < len(timesteps):
                     # 5. A preview is the scheduler's estimate of the clean
                     # image at this step (the noisy latents where it gives none).
                     x0 = getattr(out, "pred_original_sample", None)
@@ -159,7 +171,79 @@ class LatentDenoiser:
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(first.steps, device=self.device)
 
-        # 3. Initial noise from each image's seed.
-        seeds = [s for j in jobs for s in j.seeds]
-        latents = self.initial_noise(seeds, first.height, first.width) * scheduler.init_noise_sigma
-        return cond, added, scheduler, latents
+        # 3. Initial latents: noise from each image's seed, or for an edit the
+        # input's latents noised to where the shortened schedule starts.
+        if first.edit is None:
+            if self.inpaint_unet:
+                raise ValueError("this pipeline's UNet is an inpainting UNet: it edits images and cannot generate from text alone")
+            seeds = [s for j in jobs for s in j.seeds]
+            latents = self.initial_noise(seeds, first.height, first.width) * scheduler.init_noise_sigma
+            return cond, added, scheduler, scheduler.timesteps, latents, None
+        timesteps = edit_timesteps(scheduler, first.steps, first.strength)
+        edit = self._edit_state(jobs, guided)
+        if len(timesteps) == 0:
+            latents = edit.image_latents  # strength 0: the input itself
+        elif first.edit.inpaint and first.strength >= 1.0:
+            latents = edit.noise * scheduler.init_noise_sigma
+        else:
+            latents = scheduler.add_noise(edit.image_latents, edit.noise, timesteps[:1].repeat(len(edit.noise)))
+        return cond, added, scheduler, timesteps, latents, edit
+
+    def _edit_state(self, jobs: list[DenoiseJob], guided: bool) -> "_EditState":
+        """Sample each image's latents and noise from its own seeded generator.
+
+        The draws come in the order diffusers' img2img and inpaint pipelines
+        make them with one generator per image: the input's latent sample,
+        the initial noise, then (inpainting UNet) the masked image's latent
+        sample; an inpainting UNet at full strength skips the first, as
+        diffusers does. So each image depends only on its seed and the input,
+        and a one-image edit matches diffusers' pipeline.
+        """
+        first = jobs[0]
+        skip_image_sample = self.inpaint_unet and first.strength >= 1.0
+        image_latents, noise, masked, masks = [], [], [], []
+        for job in jobs:
+            e = job.edit
+            assert e is not None
+            shape = e.mean.shape
+            mean, std = torch.from_numpy(e.mean), torch.from_numpy(e.std)
+            for seed in job.seeds:
+                g = torch.Generator("cpu").manual_seed(seed)
+                sample = None if skip_image_sample else mean + std * torch.randn(shape, generator=g, dtype=torch.float32)
+                noise.append(torch.randn(shape, generator=g, dtype=torch.float32))
+                image_latents.append(self.vae_scaling_factor * (sample if sample is not None else mean))
+                if self.inpaint_unet:
+                    m_mean, m_std = torch.from_numpy(e.masked_mean), torch.from_numpy(e.masked_std)
+                    masked.append(self.vae_scaling_factor * (m_mean + m_std * torch.randn(shape, generator=g, dtype=torch.float32)))
+                if e.mask is not None:
+                    masks.append(torch.from_numpy(e.mask))
+
+        def stack(parts: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(parts).to(self.device, self.dtype)
+
+        state = _EditState(image_latents=stack(image_latents), noise=stack(noise))
+        if masks:
+            mask = stack(masks)
+            if self.inpaint_unet:
+                extra = torch.cat([mask, stack(masked)], dim=1)
+                state.unet_extra = torch.cat([extra] * 2) if guided else extra
+            else:
+                state.blend_mask = mask
+        return state
+
+
+@dataclass
+class _EditState:
+    image_latents: torch.Tensor  # the input's sampled latents, scaled, one per image
+    noise: torch.Tensor  # each image's initial noise
+    blend_mask: torch.Tensor | None = None  # ordinary UNet inpainting: 1 where to repaint
+    unet_extra: torch.Tensor | None = None  # inpainting UNet: mask and masked-image latents, per guidance half
+
+
+def edit_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
+    """The tail of the schedule an edit runs: ``strength`` of ``steps``
+    (diffusers' img2img rule), telling the scheduler where it starts."""
+    start = steps - edit_steps(steps, strength)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start * scheduler.order)
+    return scheduler.timesteps[start * scheduler.order :]

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_KINDS = ("tiny-sd", "tiny-sdxl")
+TINY_KINDS = ("tiny-sd", "tiny-sdxl", "tiny-sd-inpaint")
 
 _TOKENIZER_WINDOW = 77
 _TEXT_HIDDEN = 32
@@ -113,12 +113,13 @@ def _vae():
     )
 
 
-def _unet(sdxl: bool):
+def _unet(sdxl: bool, in_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     common = dict(
         sample_size=64,
-        in_channels=4,
+        # 9 for an inpainting UNet: latents, the mask and the masked image's latents, concatenated.
+        in_channels=in_channels,
         out_channels=4,
         layers_per_block=1,
         block_out_channels=(32, 32, 64),
@@ -157,7 +158,7 @@ def _scheduler(sdxl: bool):
 def build_tiny_pipeline(kind: str = "tiny-sd", seed: int = 0):
     """Build a tiny random pipeline object of the given kind in memory."""
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if kind not in TINY_KINDS:
@@ -170,11 +171,13 @@ def build_tiny_pipeline(kind: str = "tiny-sd", seed: int = 0):
     vocab_size = len(tokenizer)
     text_encoder = CLIPTextModel(_text_encoder_config(vocab_size))
     if not sdxl:
-        return StableDiffusionPipeline(
+        inpaint = kind == "tiny-sd-inpaint"
+        pipeline_class = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
+        return pipeline_class(
             vae=_vae(),
             text_encoder=text_encoder,
             tokenizer=tokenizer,
-            unet=_unet(sdxl=False),
+            unet=_unet(sdxl=False, in_channels=9 if inpaint else 4),
             scheduler=_scheduler(sdxl=False),
             safety_checker=None,
             feature_extractor=None,

@@ -25,8 +25,32 @@ class PromptEmbeddings:
 
 
 @dataclass
+class EditLatents:
+    """What the VAE encoder hands the denoiser for an edit of one image.
+
+    The encoder's latent distribution, not a sample of it: sampling draws on
+    each image's seeded generator, and all of a request's randomness is drawn
+    in the denoiser, in the order diffusers' pipelines draw it.
+    """
+
+    mean: np.ndarray  # (1, C, h, w) float32, unscaled (the VAE's own latent space)
+    std: np.ndarray  # (1, C, h, w) float32
+    # Inpainting: 1 where to repaint, 0 where to keep (diffusers' meaning), at latent size.
+    mask: np.ndarray | None = None  # (1, 1, h, w) float32
+    # Inpainting UNet (mask and masked image concatenated to its input): the
+    # distribution of the image with the repainted region blanked out.
+    masked_mean: np.ndarray | None = None
+    masked_std: np.ndarray | None = None
+
+    @property
+    def inpaint(self) -> bool:
+        return self.mask is not None
+
+
+@dataclass
 class DenoiseJob:
-    """One prompt, ``len(seeds)`` images of one size."""
+    """One prompt, ``len(seeds)`` images of one size; with ``edit``, an edit
+    of one image that starts ``strength`` of the way into the schedule."""
 
     embeddings: PromptEmbeddings
     seeds: list[int]
@@ -34,3 +58,16 @@ class DenoiseJob:
     width: int
     steps: int
     guidance: float
+    edit: EditLatents | None = None
+    strength: float = 1.0
+
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys can run as one batch: same grid, schedule and kind of work."""
+        kind = None if self.edit is None else (self.strength, self.edit.inpaint)
+        return (self.height, self.width, self.steps, self.guidance, kind)
+
+
+def edit_steps(steps: int, strength: float) -> int:
+    """How many denoising steps an edit of this strength runs: the last
+    ``strength`` of a ``steps``-step schedule (diffusers' img2img rule)."""
+    return min(int(steps * strength), steps)

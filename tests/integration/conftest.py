@@ -36,15 +36,28 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def service_url(ray_cluster, app_args) -> str:
-    """Base URL of the app built by the real builder and run by serve.run."""
+def image_server():
+    """A local HTTP server on 127.0.0.1 serving test images (tests.image_server)."""
+    from tests.image_server import ImageServer
+
+    server = ImageServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def service_url(ray_cluster, app_args, image_server) -> str:
+    """Base URL of the app built by the real builder and run by serve.run. It
+    may fetch image URLs from the test's image server, and only from it: the
+    in-process ingress of the unit tests has no such allowance."""
     from ray import serve
 
     from serve_app.app import build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({**app_args, "stages": STAGE_OPTIONS}), name="images", route_prefix="/")
+    fetch = {"allowed_hosts": [image_server.host], "allowed_networks": ["127.0.0.1/32"], "timeout_s": 5}
+    serve.run(build_app({**app_args, "stages": STAGE_OPTIONS, "image_fetch": fetch}), name="images", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
