@@ -41,7 +41,7 @@ from serve_app.deployments.stage_handles import HandleStages
 from serve_app.edit_bodies import as_edit_request, read_edit, read_variation, reference_bytes
 from serve_app.edits import EditSource
 from serve_app.image_fetch import ImageFetcher
-from serve_app.families import FAMILIES
+from serve_app.forwarding import Forwarding
 from serve_app.generation import (
     ResolvedRequest,
     generate,
@@ -167,6 +167,7 @@ class ImagesIngress:
         self.config = config
         self.registry = registry
         self.signer = UrlSigner(signing_key, config.url_ttl_s)
+        self.forwarding = Forwarding(config.trusted_proxies)
         self.store = ImageStore.from_config(config)
         self.stages = {
             name: HandleStages(h["text_encoder"], h["denoiser"], h["vae_decoder"], post_processor)
@@ -196,7 +197,7 @@ class ImagesIngress:
         direct = self.store.url_for(name, self.config.url_ttl_s)
         if direct:
             return direct
-        base = (self.config.public_base_url or str(request.base_url)).rstrip("/")
+        base = (self.config.public_base_url or self.forwarding.base_url(request)).rstrip("/")
         expires, sig = self.signer.sign(name)
         return f"{base}/v1/images/files/{name}?expires={expires}&sig={sig}"
 
@@ -381,14 +382,13 @@ class ImagesIngress:
             if problems[m.pipeline]:
                 continue
             p = self.registry.pipelines[m.pipeline]
-            sizes = served_sizes(m, p) + (["auto"] if FAMILIES[m.family].free_sizes else [])
             data.append(
                 Model(
                     id=m.id,
                     created=self.created,
                     owned_by=m.owned_by,
                     family=m.family,
-                    sizes=sizes,
+                    sizes=served_sizes(m, p),
                     qualities=served_qualities(m, p),
                     default_steps=p.default_steps,
                 )
@@ -405,7 +405,9 @@ class ImagesIngress:
             return model_not_ready(", ".join(models)).response()
         return JSONResponse({"status": "ok"})
 
-    async def get_image(self, name: str, expires: str | None = Query(None), sig: str | None = Query(None)) -> Response:
+    async def get_image(
+        self, request: Request, name: str, expires: str | None = Query(None), sig: str | None = Query(None)
+    ) -> Response:
         # A missing or malformed signature is a bad signature (403), not a bad request.
         problem = "bad_signature"
         if expires and expires.isdigit() and sig:
@@ -418,7 +420,15 @@ class ImagesIngress:
         if data is None:
             raise OpenAIError(404, "No such image.", code="not_found")
         ext = name.rsplit(".", 1)[1]
-        return Response(data, media_type=CONTENT_TYPES[ext], headers={"Cache-Control": "private, max-age=3600"})
+        headers = {"Cache-Control": "private, max-age=3600", "Content-Length": str(len(data))}
+        if ext == "svg":
+            # An SVG opened from this origin is a document: it may not run
+            # scripts or load anything (ours are traced paths only).
+            headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
+            headers["X-Content-Type-Options"] = "nosniff"
+        # HEAD: the same status and headers as GET, without the body.
+        body = b"" if request.method == "HEAD" else data
+        return Response(body, media_type=CONTENT_TYPES[ext], headers=headers)
 
 
 def _ignored_header(names: list[str]) -> str:
@@ -518,13 +528,17 @@ def build_api(ingress: ImagesIngress) -> FastAPI:
             path, ingress.health, methods=["GET"], response_model=Health, responses=_errors(500, 503),
             include_in_schema=i == 0,
         )
-    api.add_api_route(
-        "/v1/images/files/{name}",
-        ingress.get_image,
-        methods=["GET"],
-        response_class=Response,
-        responses={200: {"content": {v: {} for v in CONTENT_TYPES.values()}}, **_errors(403, 404, 500)},
-    )
+    for method in ("GET", "HEAD"):
+        # HEAD is GET without a body; it is left out of the schema, which
+        # would otherwise document bodies HEAD never has (and a duplicate operation id).
+        api.add_api_route(
+            "/v1/images/files/{name}",
+            ingress.get_image,
+            methods=[method],
+            response_class=Response,
+            responses={200: {"content": {v: {} for v in CONTENT_TYPES.values()}}, **_errors(403, 404, 500)},
+            include_in_schema=method == "GET",
+        )
     # The playground page (issue 17): public, outside the API's schema.
     playground = Playground()
     for path in PAGE_PATHS:
