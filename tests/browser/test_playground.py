@@ -172,14 +172,19 @@ def test_api_error_is_shown_next_to_the_field_it_names(page, playground_server):
     assert expected["param"] == "size" and message == expected["message"]
     assert page.evaluate("document.querySelector('.field-error[data-for=prompt]').textContent") == "", "cleared on the next try"
 
-    # Fixed, with a seed typed in: the non-streamed answer's own seed is shown, and the error is gone.
+    # Fixed, with a seed typed in and not streamed: the answer's own seed
+    # (data[0].seed) is shown, and the error is gone.
     page.choose("#model", dalle2)
     page.choose("#size", "256x256")
+    page.click("#stream")
+    assert page.evaluate("document.querySelector('#partial-field').hidden")
     page.evaluate("document.querySelector('#prompt').value = ''")
     page.type_into("#prompt", "otter")
     page.type_into("#seed", "4242")
     page.press_enter(ctrl=True)
     page.wait_for("document.querySelector('.result[data-state=final] .seed')?.textContent === '4242'", timeout=120)
+    sent = json.loads(api_calls(page, "/v1/images/generations")[-1]["postData"])
+    assert sent["seed"] == 4242 and "stream" not in sent
     assert page.evaluate("document.querySelector('.field-error[data-for=prompt]').textContent") == ""
     assert page.problems() == []
 

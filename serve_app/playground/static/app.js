@@ -280,12 +280,16 @@
     return body;
   }
 
-  // Streams where the family does today (gpt-image); whatever comes back,
-  // JSON or an event stream, is read by its content type, so a family that
-  // starts streaming later just works.
-  function wantsStream(model) {
-    return isGptImage(model);
+  // Every family streams (stream and partial_images). Whatever comes back,
+  // JSON or an event stream, is read by its content type, so a server that
+  // ignores stream for a model still works.
+  function wantsStream() {
+    return $("stream").checked;
   }
+
+  $("stream").addEventListener("change", () => {
+    $("partial-field").hidden = !wantsStream();
+  });
 
   form.addEventListener("submit", (event) => {
     event.preventDefault();
@@ -297,7 +301,7 @@
 
   async function runGenerate() {
     const model = currentModel();
-    const streaming = wantsStream(model);
+    const streaming = wantsStream();
     const seed = seedToSend(streaming);
     const body = generationBody(model, streaming);
     await run(
@@ -319,7 +323,7 @@
       return;
     }
     const model = currentModel();
-    const streaming = wantsStream(model);
+    const streaming = wantsStream();
     const seed = seedToSend(streaming);
     const body = generationBody(model, streaming);
     // multipart/form-data as the OpenAI SDKs send it: one file in `image`, the
