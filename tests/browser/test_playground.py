@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serve_app.families import FAMILIES
 from tests.conftest import TEST_API_KEY
 
 pytestmark = pytest.mark.browser
@@ -40,6 +41,14 @@ def api_calls(page, route: str) -> list[dict]:
     return [r for r in page.requests() if r["url"].split("?")[0].endswith(route)]
 
 
+def small_size_model(base_url: str) -> dict:
+    """A model that renders 256x256 (its family takes free sizes), with the
+    most quality tiers, so that its highest has the most steps and the
+    previews come well before the end."""
+    models = httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {TEST_API_KEY}"}).json()["data"]
+    return max((m for m in models if FAMILIES[m["family"]].free_sizes), key=lambda m: len(m["qualities"]))
+
+
 def api_error(server, body: dict) -> dict:
     resp = httpx.post(f"{server.url}/v1/images/generations", headers={"Authorization": f"Bearer {TEST_API_KEY}"}, json=body)
     assert resp.status_code == 400
@@ -53,9 +62,8 @@ def test_page_loads_under_its_csp_with_no_error(page, playground_server):
     assert shown == [m["id"] for m in models["data"]]
     # The size list is the chosen model's own, as /v1/models advertises it.
     chosen = next(m for m in models["data"] if m["id"] == page.evaluate("document.querySelector('#model').value"))
-    # A model that takes any WxH (it lists "auto") also gets a custom size.
-    custom = ["custom"] if "auto" in chosen["sizes"] else []
-    assert page.evaluate("[...document.querySelectorAll('#size option')].map((o) => o.value)") == chosen["sizes"] + custom
+    # Then a custom WxH, whose fate the server decides.
+    assert page.evaluate("[...document.querySelectorAll('#size option')].map((o) => o.value)") == chosen["sizes"] + ["custom"]
     assert page.problems() == []
     assert page.network_errors() == []
     # Nothing from another host: every request went to the page's own origin.
@@ -73,10 +81,7 @@ def test_generation_streams_previews_then_the_final_image_with_its_seed(page, pl
     assert "(gpt-image" in page.evaluate("document.querySelector('#model').selectedOptions[0].textContent"), (
         "the page starts on a model that streams"
     )
-    # The streaming model with the most quality tiers, at its highest (the most
-    # steps), so that the previews come well before the end.
-    models = httpx.get(f"{playground_server.url}/v1/models", headers={"Authorization": f"Bearer {TEST_API_KEY}"}).json()["data"]
-    model = max((m for m in models if m["family"].startswith("gpt-image")), key=lambda m: len(m["qualities"]))
+    model = small_size_model(playground_server.url)
     page.choose("#model", model["id"])
     page.choose("#quality", [q for q in model["qualities"] if q != "auto"][-1])
     page.choose("#size", "custom")

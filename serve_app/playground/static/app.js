@@ -148,9 +148,9 @@
   function onModelChange() {
     const model = currentModel();
     const sizes = (model && model.sizes) || [];
-    const options = sizes.map((s) => [s, s]);
-    // A model that lists "auto" takes any WxH within its family's rules (the server checks them).
-    if (sizes.includes("auto")) options.push([CUSTOM_SIZE, "custom…"]);
+    // Any WxH may be typed: /v1/models does not say which models take sizes
+    // beyond those it lists, so the server's answer (under the field) does.
+    const options = [...sizes.map((s) => [s, s]), [CUSTOM_SIZE, "custom…"]];
     // The smallest fixed size is the quickest to try.
     const smallest = sizes
       .filter((s) => /^\d+x\d+$/.test(s))
