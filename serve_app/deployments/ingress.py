@@ -52,7 +52,8 @@ from serve_app.generation import (
 )
 from serve_app.metrics import IMAGES
 from serve_app.moderation import AllowAll, Moderator, PatternModerator, moderation_blocked
-from serve_app.middleware import PUBLIC_PREFIXES, GuardSettings, RequestGuard
+from serve_app.middleware import GuardSettings, RequestGuard, is_public
+from serve_app.playground import ASSET_PREFIX, PAGE_PATHS, Playground
 from serve_app.protocol import (
     STREAM_EVENTS,
     ErrorResponse,
@@ -538,6 +539,11 @@ def build_api(ingress: ImagesIngress) -> FastAPI:
             responses={200: {"content": {v: {} for v in CONTENT_TYPES.values()}}, **_errors(403, 404, 500)},
             include_in_schema=method == "GET",
         )
+    # The playground page (issue 17): public, outside the API's schema.
+    playground = Playground()
+    for path in PAGE_PATHS:
+        api.add_api_route(path, playground.page, methods=["GET"], include_in_schema=False)
+    api.add_api_route(ASSET_PREFIX + "{name}", playground.asset, methods=["GET"], include_in_schema=False)
     api.openapi = _openapi(api)
     return api
 
@@ -569,7 +575,7 @@ def _openapi(api: FastAPI) -> Callable[[], dict[str, Any]]:
         for path, operations in doc.get("paths", {}).items():
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
-                if not path.startswith(PUBLIC_PREFIXES):
+                if not is_public(path):
                     operation["security"] = [{"apiKey": []}]
         return doc
 
