@@ -238,3 +238,9 @@ def test_composite_keeps_protected_pixels_and_feathers_only_the_edited_side():
     assert weight[16, 16] == 0.0 and np.array_equal(out[16, 16], generated[16, 16])  # deep inside: all generated
     assert 0.0 < weight[8, 16] < 1.0  # the first edited row blends
     assert np.array_equal(keep_weight(alpha, 0)[alpha == 0], np.zeros((alpha == 0).sum(), np.float32))
+
+
+def test_a_malformed_multipart_body_is_400(ingress_client):
+    body = b"--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nhat\r\n--b\r\nno headers here\r\n--b--\r\n"
+    resp = ingress_client.post(EDITS, content=body, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert_error(resp, 400, code="invalid_multipart")
