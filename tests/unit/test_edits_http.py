@@ -244,3 +244,13 @@ def test_a_malformed_multipart_body_is_400(ingress_client):
     body = b"--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nhat\r\n--b\r\nno headers here\r\n--b--\r\n"
     resp = ingress_client.post(EDITS, content=body, headers={"content-type": "multipart/form-data; boundary=b"})
     assert_error(resp, 400, code="invalid_multipart")
+
+
+def test_a_file_over_its_familys_limit_is_refused(ingress_client):
+    # dall-e-2 takes PNGs under 4 MB; noise does not compress, so 1200x1200 is about 4.3 MB.
+    noise = np.random.default_rng(3).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG", compress_level=0)
+    assert len(buf.getvalue()) > 4 << 20
+    resp = edit(ingress_client, {"image": ("big.png", buf.getvalue(), "image/png")}, {"model": "dall-e-2"})
+    assert_error(resp, 400, "image", "image_too_large")
