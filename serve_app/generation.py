@@ -18,7 +18,7 @@ import numpy as np
 from serve_app.config import ModelEntry, ModelRegistry, PipelineConfig
 from serve_app.edits import DecodedInputs, EditPlan, EditSource, auto_size, decode_inputs, plan_edit
 from serve_app.errors import invalid_request, storage_unavailable
-from serve_app.families import FAMILIES, GPT_IMAGE_ONLY_PARAMS, FamilyRules, output_tokens
+from serve_app.families import FAMILIES, MAX_PIXELS, GPT_IMAGE_ONLY_PARAMS, FamilyRules, output_tokens
 from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings, edit_steps
 from serve_app.protocol import (
     MAX_SEED,
@@ -135,6 +135,12 @@ def served_sizes(model: ModelEntry, pipeline: PipelineConfig) -> list[str]:
     if default is not None and default not in sizes:
         sizes.append(default)
     return sizes + (["auto"] if rules.uses_gpt_image_params else [])
+
+
+def free_size_limit(model: ModelEntry, pipeline: PipelineConfig) -> int | None:
+    """The largest width x height a free-size model takes (OpenAI's limit or
+    the pipeline's, the lower); None for a model with fixed sizes only."""
+    return min(MAX_PIXELS, pipeline.max_pixels) if FAMILIES[model.family].free_sizes else None
 
 
 def served_qualities(model: ModelEntry, pipeline: PipelineConfig) -> list[str]:

@@ -234,6 +234,11 @@ class Model(BaseModel):
     sizes: list[str] | None = None
     qualities: list[str] | None = None
     default_steps: int | None = None
+    max_pixels: int | None = Field(
+        default=None,
+        description="Models that take any WxH (sides multiples of 16, aspect 1:3 to 3:1): the largest width x height. "
+        "Absent where only the listed sizes are served.",
+    )
 
 
 class ModelList(BaseModel):

@@ -47,6 +47,7 @@ from serve_app.generation import (
     generate,
     generate_stream,
     resolve_request,
+    free_size_limit,
     served_qualities,
     served_sizes,
 )
@@ -391,6 +392,7 @@ class ImagesIngress:
                     sizes=served_sizes(m, p),
                     qualities=served_qualities(m, p),
                     default_steps=p.default_steps,
+                    max_pixels=free_size_limit(m, p),
                 )
             )
         return ModelList(data=data)

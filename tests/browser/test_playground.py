@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app.families import FAMILIES
 from tests.conftest import TEST_API_KEY
 
 pytestmark = pytest.mark.browser
@@ -46,7 +45,7 @@ def small_size_model(base_url: str) -> dict:
     most quality tiers, so that its highest has the most steps and the
     previews come well before the end."""
     models = httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {TEST_API_KEY}"}).json()["data"]
-    return max((m for m in models if FAMILIES[m["family"]].free_sizes), key=lambda m: len(m["qualities"]))
+    return max((m for m in models if m.get("max_pixels")), key=lambda m: len(m["qualities"]))
 
 
 def api_error(server, body: dict) -> dict:
@@ -62,8 +61,12 @@ def test_page_loads_under_its_csp_with_no_error(page, playground_server):
     assert shown == [m["id"] for m in models["data"]]
     # The size list is the chosen model's own, as /v1/models advertises it.
     chosen = next(m for m in models["data"] if m["id"] == page.evaluate("document.querySelector('#model').value"))
-    # Then a custom WxH, whose fate the server decides.
-    assert page.evaluate("[...document.querySelectorAll('#size option')].map((o) => o.value)") == chosen["sizes"] + ["custom"]
+    # Then a custom WxH where the model takes any size (max_pixels), whose fate the server decides.
+    custom = ["custom"] if chosen.get("max_pixels") else []
+    assert page.evaluate("[...document.querySelectorAll('#size option')].map((o) => o.value)") == chosen["sizes"] + custom
+    fixed = next(m for m in models["data"] if not m.get("max_pixels"))
+    page.choose("#model", fixed["id"])
+    assert page.evaluate("[...document.querySelectorAll('#size option')].map((o) => o.value)") == fixed["sizes"]
     assert page.problems() == []
     assert page.network_errors() == []
     # Nothing from another host: every request went to the page's own origin.
@@ -166,7 +169,7 @@ def test_api_error_is_shown_next_to_the_field_it_names(page, playground_server):
     assert page.evaluate("document.querySelectorAll('.result').length") == 0
 
     # A size the family refuses: its message, under size.
-    gpt = page.evaluate("[...document.querySelectorAll('#model option')].find((o) => o.textContent.includes('(gpt-image')).value")
+    gpt = small_size_model(playground_server.url)["id"]
     page.choose("#model", gpt)
     page.choose("#size", "custom")
     page.type_into("#size-custom", "100x100")

@@ -254,3 +254,12 @@ def test_a_file_over_its_familys_limit_is_refused(ingress_client):
     assert len(buf.getvalue()) > 4 << 20
     resp = edit(ingress_client, {"image": ("big.png", buf.getvalue(), "image/png")}, {"model": "dall-e-2"})
     assert_error(resp, 400, "image", "image_too_large")
+
+
+def test_models_say_which_take_any_size(ingress_client):
+    models = {m["id"]: m for m in ingress_client.get("/v1/models").json()["data"]}
+    assert "max_pixels" not in models["gpt-image-1"] and "max_pixels" not in models["dall-e-2"]
+    assert models["gpt-image-2"]["max_pixels"] == min(3840 * 2160, 1536 * 1536)
+    # What it advertises holds: a free size within it is served, a fixed-size model refuses one.
+    assert ingress_client.post(GEN, json={"prompt": "otter", "model": "gpt-image-2", "size": "256x256"}).status_code == 200
+    assert_error(ingress_client.post(GEN, json={"prompt": "otter", "model": "gpt-image-1", "size": "256x256"}), 400, "size")

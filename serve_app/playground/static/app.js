@@ -148,9 +148,9 @@
   function onModelChange() {
     const model = currentModel();
     const sizes = (model && model.sizes) || [];
-    // Any WxH may be typed: /v1/models does not say which models take sizes
-    // beyond those it lists, so the server's answer (under the field) does.
-    const options = [...sizes.map((s) => [s, s]), [CUSTOM_SIZE, "custom…"]];
+    // Any WxH may be typed only where /v1/models says the model takes one (max_pixels).
+    const options = sizes.map((s) => [s, s]);
+    if (model && model.max_pixels) options.push([CUSTOM_SIZE, "custom…"]);
     // The smallest fixed size is the quickest to try.
     const smallest = sizes
       .filter((s) => /^\d+x\d+$/.test(s))
