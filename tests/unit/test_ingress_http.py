@@ -264,22 +264,9 @@ def stub_ingress_client(app_args):
     the other tests here run."""
     from fastapi.testclient import TestClient
 
-    from serve_app.config import load_app_config
-    from serve_app.deployments.ingress import ImagesIngress
-    from serve_app.deployments.post_processor import PostProcessor
-    from tests.conftest import TEST_API_KEY, TEST_SIGNING_KEY, LocalHandle
-    from tests.stub_stages import stub_model_stages
+    from tests.conftest import TEST_API_KEY, stub_ingress
 
-    config, registry = load_app_config(app_args)
-    cache = str(config.model_cache_path)
-    stages = stub_model_stages(step_s=0, decode_s=0)
-    pipelines = {
-        name: {stage: LocalHandle(cls(p, getattr(config.stages, stage), cache)) for stage, cls in stages.items()}
-        for name, p in registry.pipelines.items()
-    }
-    with pytest.MonkeyPatch.context() as env:
-        env.delenv("IMAGES_API_KEYS", raising=False)
-        instance = ImagesIngress(config, registry, TEST_SIGNING_KEY, pipelines, LocalHandle(PostProcessor(config)))
+    instance = stub_ingress(app_args)
     with TestClient(instance.__serve_build_asgi_app__(), raise_server_exceptions=False) as client:
         client.headers["Authorization"] = f"Bearer {TEST_API_KEY}"
         yield client
