@@ -254,10 +254,11 @@ def fetch_url(c: Client, start: float, url: str, fmt: str, size: str | None, alp
 
 
 def k_gen_b64(c, rng, start):
-    model = rng.choice(["gpt-image-1", "gpt-image-1-mini", "tiny-sd"])
+    # Free sizes: the gpt-image-2 generation (gpt-image-1 takes 1024-pixel sizes only); xhigh: 2.5 and 2.6.
+    model = rng.choice(["gpt-image-2", "gpt-image-2.5-flare", "tiny-sd"])
     fmt = rng.choice(["png", "jpeg", "webp"])
     size = rng.choices(["256x256", "512x512", "1024x1024", "768x512", "512x768"], [3, 3, 1, 1, 1])[0]
-    quality = rng.choices(["low", "medium", "high", "auto", "xhigh"], [2, 2, 1, 1, 1 if model != "tiny-sd" and size != "1024x1024" else 0])[0]
+    quality = rng.choices(["low", "medium", "high", "auto", "xhigh"], [2, 2, 1, 1, 1 if model == "gpt-image-2.5-flare" and size != "1024x1024" else 0])[0]
     params: dict[str, Any] = dict(model=model, prompt=rng.choice(PROMPTS), size=size, quality=quality, n=rng.randint(1, 3), output_format=fmt)
     if fmt != "png" and rng.random() < 0.5:
         params["output_compression"] = rng.randint(20, 100)
@@ -274,7 +275,7 @@ def k_gen_url(c, rng, start):
         params = dict(model="dall-e-2", prompt=rng.choice(PROMPTS), size=rng.choice(["256x256", "512x512", "1024x1024"]),
                       n=rng.randint(1, 3), response_format="url")
     else:
-        params = dict(model="gpt-image-1", prompt=rng.choice(PROMPTS), size=rng.choice(["256x256", "512x512"]),
+        params = dict(model="gpt-image-2", prompt=rng.choice(PROMPTS), size=rng.choice(["256x256", "512x512"]),
                       n=rng.randint(1, 3), response_format="url", output_format=rng.choice(["png", "jpeg", "webp"]),
                       quality=rng.choice(["low", "medium"]))
     return gen_images(c, start, "gen_url", params)
@@ -287,7 +288,7 @@ def k_gen_dalle3(c, rng, start):
 
 
 def k_gen_transparent(c, rng, start):
-    params = dict(model="gpt-image-1", prompt=rng.choice(PROMPTS), size=rng.choice(["256x256", "512x512"]), quality="low",
+    params = dict(model="gpt-image-2", prompt=rng.choice(PROMPTS), size=rng.choice(["256x256", "512x512"]), quality="low",
                   background="transparent", output_format=rng.choice(["png", "webp"]))
     return gen_images(c, start, "gen_transparent", params)
 
@@ -298,7 +299,7 @@ def k_gen_stream(c, rng, start):
     kind = "gen_stream"
     t0 = time.perf_counter()
     res, stream = openai_call(kind, t0, start, lambda: c.openai.images.generate(
-        model="gpt-image-1", prompt=rng.choice(PROMPTS), size=size, n=n, quality=rng.choice(["low", "medium"]),
+        model="gpt-image-2", prompt=rng.choice(PROMPTS), size=size, n=n, quality=rng.choice(["low", "medium"]),
         output_format=fmt, stream=True, partial_images=partials))
     if stream is None:
         return [res]

@@ -18,7 +18,7 @@ import yaml
 from fsspec.utils import get_protocol
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serve_app.families import FAMILIES
+from serve_app.families import FAMILIES, FAMILY_ALIASES
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -182,15 +182,20 @@ class ModelEntry(_Strict):
     family: str = Field(
         description="OpenAI model family whose rules and defaults this id follows: "
         + ", ".join(sorted(FAMILIES))
+        + "; older configs' "
+        + ", ".join(f"{old} means {new}" for old, new in FAMILY_ALIASES.items())
     )
     owned_by: str = Field(default="self-hosted", description="`owned_by` reported by /v1/models.")
     default_size: str | None = Field(
-        default=None, description="Size for `auto` or no size; default: the pipeline's, if the family allows it, else the family's."
+        default=None,
+        description="Size for `auto` or no size; default: the pipeline's where the family allows it (not dall-e-2/3, "
+        "which OpenAI documents as 1024x1024) and serves it, else the family's.",
     )
     tiers: dict[str, Tier] = Field(
         default_factory=dict,
         description="Quality tiers -> steps and guidance. Unset tiers derive from the pipeline's default steps S: "
-        "low S/2, medium and standard S, high and hd 2S. xhigh and max exist only if defined here.",
+        "low S/2, medium and standard S, high and hd 2S, xhigh 3S, max 4S. Which tiers a request may ask for is "
+        "the family's rule.",
     )
     styles: dict[str, StylePreset] = Field(
         default_factory=_default_styles, description="Style (dall-e-3 family) -> guidance and prompt template."
@@ -211,6 +216,7 @@ class ModelEntry(_Strict):
     @field_validator("family")
     @classmethod
     def _known_family(cls, family: str) -> str:
+        family = FAMILY_ALIASES.get(family, family)
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}")
         return family
@@ -218,7 +224,15 @@ class ModelEntry(_Strict):
     def tier(self, quality: str, pipeline: "PipelineConfig") -> tuple[int, float] | None:
         """(steps, guidance) for a quality tier, or None if this model has no such tier."""
         steps = pipeline.default_steps
-        derived = {"low": max(1, steps // 2), "medium": steps, "standard": steps, "high": 2 * steps, "hd": 2 * steps}
+        derived = {
+            "low": max(1, steps // 2),
+            "medium": steps,
+            "standard": steps,
+            "high": 2 * steps,
+            "hd": 2 * steps,
+            "xhigh": 3 * steps,
+            "max": 4 * steps,
+        }
         if quality in self.tiers:
             t = self.tiers[quality]
             return (t.steps or derived.get(quality, steps), t.guidance if t.guidance is not None else pipeline.default_guidance)
@@ -237,6 +251,12 @@ class ModelRegistry(_Strict):
         "output_format, output_compression, stream, partial_images); default: the first gpt-image model listed, "
         "else default_model.",
     )
+    fallback_model: str | None = Field(
+        default=None,
+        description="Model that serves requests naming a model id not listed here (gateways in front of many "
+        "backends send names such as `image` or `random`); it applies its own family's rules. Null (default): such "
+        "requests get 400 model_not_found.",
+    )
     moderation: str | None = Field(
         default="configs/moderation.yaml", description="Prompt moderation list (YAML); null disables moderation."
     )
@@ -252,6 +272,8 @@ class ModelRegistry(_Strict):
                 raise ValueError(f"model {m.id!r} names unknown pipeline {m.pipeline!r}")
         if self.default_model not in ids:
             raise ValueError(f"default_model {self.default_model!r} is not a listed model id")
+        if self.fallback_model is not None and self.fallback_model not in ids:
+            raise ValueError(f"fallback_model {self.fallback_model!r} is not a listed model id")
         if self.default_gpt_image_model is not None:
             gpt = self.model(self.default_gpt_image_model)
             if gpt is None or not FAMILIES[gpt.family].uses_gpt_image_params:
@@ -509,7 +531,15 @@ class AppConfig(_Strict):
         "key is generated at startup (URLs then die with the app).",
     )
     public_base_url: str | None = Field(
-        default=None, description="Base URL put in image URLs (e.g. https://images.example.com); default: the request's own."
+        default=None,
+        description="Base URL put in image URLs (e.g. https://images.example.com); default: the request's own "
+        "(see trusted_proxies). Set, it wins over any request header.",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses (IPs or CIDR networks) of reverse proxies whose Forwarded / X-Forwarded-Host / "
+        "X-Forwarded-Proto headers say the scheme and host of image URLs. Headers from any other peer are "
+        "ignored. Empty (default): none are trusted.",
     )
     api_keys_file: str | None = Field(
         default=None, description="File with one API key per line (# comments allowed), in addition to env IMAGES_API_KEYS."
@@ -560,6 +590,13 @@ class AppConfig(_Strict):
         default_factory=lambda: StagesConfig.model_validate({}),
         description="Deployment options per stage; each stage's keys override its defaults one by one.",
     )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        for v in values:
+            ipaddress.ip_network(v, strict=False)  # ValueError names the bad entry
+        return values
 
     @model_validator(mode="after")
     def _ingress_admits_before_ray_queues(self) -> "AppConfig":

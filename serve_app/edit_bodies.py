@@ -17,6 +17,8 @@ from typing import Awaitable, Callable, TypeVar
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from serve_app.edits import EditSource
@@ -53,7 +55,9 @@ async def _read_form(request: Request) -> tuple[dict[str, str], list[tuple[str, 
     """(text fields, images in order as (param, file bytes or reference string), mask)."""
     try:
         form = await request.form(max_files=MAX_FILES, max_fields=200, max_part_size=MAX_FIELD_BYTES)
-    except Exception as exc:  # noqa: BLE001 - Starlette wraps the parser's complaints; all are the client's
+    except (MultiPartException, HTTPException) as exc:
+        # The parser's complaints about the body (Starlette raises them as a
+        # 400 HTTPException inside an app); anything else is the server's fault.
         detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or "malformed multipart body"
         raise invalid_request(f"Could not read the multipart form: {detail}", None, "invalid_multipart") from None
     fields: dict[str, str] = {}

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
+from starlette.routing import Match
 from starlette.responses import JSONResponse
 
 from serve_app.metrics import ERRORS
@@ -213,11 +214,25 @@ def to_openai_error(exc: BaseException, request_id: str = "") -> OpenAIError:
     return OpenAIError(500, f"The server had an error while processing your request{suffix}.", code="internal_error")
 
 
+def _allowed_methods(request: Request) -> str:
+    """The methods of every route on this path, for the Allow header HTTP
+    requires on a 405 (Starlette's names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app) -> None:
     """Route every exception FastAPI can see through :func:`to_openai_error`."""
 
     async def handle(request: Request, exc: Exception) -> JSONResponse:
-        return to_openai_error(exc, request_id_of(request)).response()
+        error = to_openai_error(exc, request_id_of(request))
+        if error.status == 405:
+            error.headers = {**error.headers, "Allow": _allowed_methods(request)}
+        return error.response()
 
     # Anything else (a plain Exception) is answered by serve_app.middleware.RequestGuard,
     # which sits inside Starlette's outermost error middleware and so also sets x-request-id.

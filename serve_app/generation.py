@@ -15,10 +15,10 @@ from typing import Any, AsyncIterator, Callable, Protocol
 
 import numpy as np
 
-from serve_app.config import ModelEntry, ModelRegistry, PipelineConfig, parse_size
+from serve_app.config import ModelEntry, ModelRegistry, PipelineConfig
 from serve_app.edits import DecodedInputs, EditPlan, EditSource, auto_size, decode_inputs, plan_edit
 from serve_app.errors import invalid_request, storage_unavailable
-from serve_app.families import FAMILIES, GPT_IMAGE_ONLY_PARAMS, FamilyRules, output_tokens
+from serve_app.families import FAMILIES, MAX_PIXELS, GPT_IMAGE_ONLY_PARAMS, FamilyRules, output_tokens
 from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings, edit_steps
 from serve_app.protocol import (
     MAX_SEED,
@@ -83,36 +83,68 @@ def _pick_model(req: _ImageRequest, registry: ModelRegistry) -> ModelEntry:
     else:
         model_id = registry.default_model
     model = registry.model(model_id)
+    if model is None and registry.fallback_model is not None:
+        model = registry.model(registry.fallback_model)
     if model is None:
         raise invalid_request(
-            f"The model '{model_id}' does not exist or you do not have access to it.", "model", "model_not_found"
+            f"The model '{model_id}' does not exist or you do not have access to it. "
+            "GET /v1/models lists the models this server serves.",
+            "model",
+            "model_not_found",
         )
     return model
 
 
+def _dimensions(size: str) -> tuple[int, int]:
+    # The protocol's SIZE_PATTERN has already checked the WxH form.
+    width, height = size.split("x")
+    return int(width), int(height)
+
+
+def _fixed_sizes(rules: FamilyRules, pipeline: PipelineConfig) -> list[str]:
+    """The family's fixed sizes, as far as the pipeline renders them."""
+    return [s for s in rules.sizes if s in pipeline.sizes]
+
+
+def _size_problem(size: str, rules: FamilyRules, pipeline: PipelineConfig) -> str | None:
+    """Why this family on this pipeline cannot serve a WxH size (one cause), or None."""
+    if size in _fixed_sizes(rules, pipeline):
+        return None
+    if not rules.free_sizes:
+        return "not one of this model's sizes"
+    return rules.check_free_size(*_dimensions(size), pipeline.max_pixels)
+
+
+def default_size(model: ModelEntry, pipeline: PipelineConfig) -> str | None:
+    """What no size or `auto` gives: the model's default_size, else the
+    pipeline's where the family allows it, else the family's; the first of
+    them the model can serve."""
+    rules = FAMILIES[model.family]
+    candidates = (model.default_size, pipeline.default_size if rules.pipeline_default_size else None, rules.default_size)
+    return next((c for c in candidates if c and _size_problem(c, rules, pipeline) is None), None)
+
+
 def served_sizes(model: ModelEntry, pipeline: PipelineConfig) -> list[str]:
-    """The fixed sizes a model serves: its family's list, as far as the pipeline renders them."""
-    return [s for s in FAMILIES[model.family].sizes if s in pipeline.sizes]
+    """The sizes /v1/models advertises for a model: its family's fixed sizes
+    the pipeline renders, its default size (so that every size a response
+    names is listed), and `auto` where OpenAI documents it (the GPT image
+    models; every family here accepts it)."""
+    rules = FAMILIES[model.family]
+    sizes = _fixed_sizes(rules, pipeline)
+    default = default_size(model, pipeline)
+    if default is not None and default not in sizes:
+        sizes.append(default)
+    return sizes + (["auto"] if rules.uses_gpt_image_params else [])
+
+
+def free_size_limit(model: ModelEntry, pipeline: PipelineConfig) -> int | None:
+    """The largest width x height a free-size model takes (OpenAI's limit or
+    the pipeline's, the lower); None for a model with fixed sizes only."""
+    return min(MAX_PIXELS, pipeline.max_pixels) if FAMILIES[model.family].free_sizes else None
 
 
 def served_qualities(model: ModelEntry, pipeline: PipelineConfig) -> list[str]:
-    rules = FAMILIES[model.family]
-    optional = [q for q in rules.optional_qualities if q in model.tiers]
-    return [*rules.qualities, *optional, "auto"]
-
-
-def _size_problem(size: str, model: ModelEntry, rules: FamilyRules, pipeline: PipelineConfig) -> str | None:
-    """Why this model cannot serve a WxH size, or None if it can."""
-    allowed = served_sizes(model, pipeline)
-    if size in allowed:
-        return None
-    if not rules.free_sizes:
-        return f"Supported sizes: {', '.join(allowed)}"
-    try:
-        w, h = parse_size(size)
-    except ValueError as e:
-        return str(e)
-    return rules.check_free_size(w, h, pipeline.max_pixels)
+    return [*FAMILIES[model.family].qualities, "auto"]
 
 
 def _resolve_size(
@@ -121,16 +153,20 @@ def _resolve_size(
     size = req.size or "auto"
     if size == "auto" and inputs is not None:
         # An edit keeps its (first) input's aspect: the nearest size the model serves.
-        return parse_size(auto_size(inputs.images[0], served_sizes(model, pipeline)))
+        return _dimensions(auto_size(inputs.images[0], [s for s in served_sizes(model, pipeline) if s != "auto"]))
     if size == "auto":
-        for candidate in (model.default_size, pipeline.default_size, rules.default_size):
-            if candidate and _size_problem(candidate, model, rules, pipeline) is None:
-                return parse_size(candidate)
-        raise invalid_request(f"Model '{model.id}' has no default size it can serve; name a size.", "size")
-    problem = _size_problem(size, model, rules, pipeline)
-    if problem is not None:
-        raise invalid_request(f"Invalid size '{size}' for model '{model.id}': {problem}.", "size", "invalid_size")
-    return parse_size(size)
+        default = default_size(model, pipeline)
+        if default is None:
+            raise invalid_request(f"Model '{model.id}' has no default size it can serve; name a size.", "size")
+        return _dimensions(default)
+    problem = _size_problem(size, rules, pipeline)
+    if problem is None:
+        return _dimensions(size)
+    if rules.free_sizes:
+        message = f"Invalid size '{size}' for model '{model.id}': {problem}."
+    else:
+        message = f"Invalid size '{size}' for model '{model.id}'. Supported sizes: {', '.join(served_sizes(model, pipeline))}."
+    raise invalid_request(message, "size", "invalid_size")
 
 
 def resolve_request(
@@ -158,9 +194,9 @@ def resolve_request(
     n = req.n if req.n is not None else 1
     if n > rules.max_n:
         raise invalid_request(f"Model '{model.id}' generates at most {rules.max_n} image(s) per request; n={n}.", "n")
-    if req.output_format in ("gif", "svg"):
+    if req.output_format == "gif":
         raise invalid_request(
-            f"The output format '{req.output_format}' is not supported by model '{model.id}'; use png, jpeg or webp.",
+            "The output format 'gif' is not supported: this server makes still images. Use png, jpeg, webp or svg.",
             "output_format",
             "unsupported_output_format",
         )
@@ -171,7 +207,7 @@ def resolve_request(
 
     # 3. Quality -> steps and guidance.
     quality = req.quality if req.quality not in (None, "auto") else rules.default_quality
-    tier = model.tier(quality, pipeline) if quality in (*rules.qualities, *rules.optional_qualities) else None
+    tier = model.tier(quality, pipeline) if quality in rules.qualities else None
     if tier is None:
         raise invalid_request(
             f"Invalid quality '{quality}' for model '{model.id}'. Supported: {', '.join(served_qualities(model, pipeline))}.",
@@ -207,11 +243,20 @@ def resolve_request(
                 )
             prompt = model.transparent_template.format(prompt=user_prompt)
 
-    # 5. Streaming (gpt-image only; partial_images means nothing without it).
-    stream = bool(req.stream) and rules.uses_gpt_image_params
+    # 5. Streaming, for every family (partial_images means nothing without it).
+    stream = bool(req.stream)
     partial_images = req.partial_images or 0
-    if req.partial_images is not None and not stream and "partial_images" not in ignored:
+    if req.partial_images is not None and not stream:
         ignored.append("partial_images")
+
+    # 6. SVG is the finished image traced once: like OpenAI's, one image and no stream.
+    if output_format == "svg":
+        if n > 1:
+            raise invalid_request(f"SVG output makes one image per request; n={n}.", "n")
+        if stream:
+            raise invalid_request("SVG output cannot be streamed; send stream=false.", "stream")
+        if req.output_compression is not None:
+            ignored.append("output_compression")
 
     if req.seed is not None and req.seed + n - 1 > MAX_SEED:
         raise invalid_request(f"seed + n - 1 must not exceed {MAX_SEED}.", "seed")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.errors import OpenAIError, to_openai_error
+from serve_app.playground import PUBLIC_PATHS
 from serve_app.security import ApiKeys
 
 # Routes that need no API key: liveness, the API's own description, and
@@ -21,6 +22,13 @@ from serve_app.security import ApiKeys
 UPLOAD_ROUTES = ("/images/edits", "/images/variations")
 
 PUBLIC_PREFIXES = ("/health", "/v1/health", "/openapi.json", "/docs", "/v1/images/files/")
+
+
+def is_public(path: str) -> bool:
+    """Whether a path needs no API key: the prefixes above, or exactly one of
+    the playground's page and asset paths (the page holds no data; the API
+    calls it makes carry the key)."""
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
 
 @dataclass
@@ -126,7 +134,7 @@ class RequestGuard:
         keys = self.settings.api_keys
         # Which key it was (its digest) is what per-key rate limits count under.
         state["api_key_id"] = keys.identify(headers.get("authorization")) if keys.enabled else None
-        if not path.startswith(PUBLIC_PREFIXES) and keys.enabled and state["api_key_id"] is None:
+        if not is_public(path) and keys.enabled and state["api_key_id"] is None:
             return OpenAIError(
                 401,
                 "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",

@@ -13,10 +13,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 ResponseFormat = Literal["url", "b64_json"]
-# gif and svg are in today's SDK; they validate here and are refused by the
-# resolver with a message saying this model does not support them.
+# gif is in today's SDK; it validates here and the resolver refuses it with
+# a message saying why. svg is the finished raster traced to vectors.
 OutputFormat = Literal["png", "jpeg", "webp", "gif", "svg"]
 Quality = Literal["standard", "hd", "low", "medium", "high", "xhigh", "max", "auto"]
+# What a response or stream event reports: the tier the request resolved to
+# (never auto). A dall-e stream reports its own tiers, standard and hd.
+ResolvedQuality = Literal["standard", "hd", "low", "medium", "high", "xhigh", "max"]
+# Stream events carry raster images only: svg is never streamed.
+StreamedFormat = Literal["png", "jpeg", "webp"]
 Style = Literal["vivid", "natural"]
 Background = Literal["transparent", "opaque", "auto"]
 Moderation = Literal["low", "auto"]
@@ -39,18 +44,20 @@ class _ImageRequest(BaseModel):
     size: StrictStr | None = Field(
         default=None,
         pattern=SIZE_PATTERN,
-        description="WIDTHxHEIGHT or auto. Fixed lists for dall-e-2/3; gpt-image also takes any WxH with sides "
-        "multiple of 16 and aspect within 1:3..3:1, up to the model's pixel limit.",
+        description="WIDTHxHEIGHT or auto. Fixed lists for dall-e-2/3 and gpt-image-1; gpt-image-2 and later also "
+        "take any WxH with sides multiple of 16, aspect within 1:3..3:1, up to 3840x2160 and the model's pixel limit.",
     )
     response_format: ResponseFormat | None = Field(default=None, description="url or b64_json; default per model family.")
-    output_format: OutputFormat | None = Field(default=None, description="png (default), jpeg or webp (gpt-image).")
+    output_format: OutputFormat | None = Field(
+        default=None, description="png (default), jpeg, webp or svg (gpt-image; svg: n=1, no stream)."
+    )
     output_compression: StrictInt | None = Field(
         default=None, ge=0, le=100, description="0-100 for jpeg and webp (higher keeps more detail); default 100."
     )
     quality: Quality | None = Field(default=None, description="Quality tier; allowed values depend on the model family.")
     background: Background | None = Field(default=None, description="transparent, opaque or auto (gpt-image).")
     moderation: Moderation | None = Field(default=None, description="auto (all categories) or low (severe only).")
-    stream: StrictBool | None = Field(default=None, description="Stream partial images as server-sent events (gpt-image).")
+    stream: StrictBool | None = Field(default=None, description="Stream partial images as server-sent events (every model).")
     partial_images: StrictInt | None = Field(default=None, ge=0, le=3, description="Partial images to stream, 0-3.")
     user: StrictStr | None = Field(default=None, max_length=256, description="End-user id; logged only as a hash.")
     safety_identifier: StrictStr | None = Field(
@@ -76,7 +83,7 @@ class ImageGenerationRequest(_ImageRequest):
             "examples": [
                 {"prompt": "A sea otter asleep on a kelp bed, watercolor", "model": "dall-e-2", "n": 2, "size": "256x256"},
                 {"prompt": "A lighthouse at dusk", "model": "gpt-image-1", "size": "1024x1024", "quality": "low"},
-                {"prompt": "A red fox in snow", "model": "gpt-image-1", "size": "1024x1024", "stream": True, "partial_images": 2},
+                {"prompt": "A red fox in snow", "model": "gpt-image-2", "size": "1536x864", "stream": True, "partial_images": 2},
             ]
         },
     )
@@ -178,8 +185,8 @@ class ImagesResponse(BaseModel):
     created: int = Field(description="Unix time the images were created.")
     data: list[Image]
     background: Literal["transparent", "opaque"] | None = None
-    output_format: Literal["png", "jpeg", "webp"] | None = None
-    quality: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    output_format: Literal["png", "jpeg", "webp", "svg"] | None = None
+    quality: ResolvedQuality | None = None
     size: str | None = None
     usage: Usage | None = None
     safety_identifier: str | None = None
@@ -191,9 +198,9 @@ class _StreamEventBase(BaseModel):
     b64_json: str
     created_at: int
     size: str
-    quality: Literal["low", "medium", "high", "xhigh", "max"]
+    quality: ResolvedQuality
     background: Literal["transparent", "opaque"]
-    output_format: Literal["png", "jpeg", "webp"]
+    output_format: StreamedFormat
 
 
 class PartialImageEvent(_StreamEventBase):
@@ -227,6 +234,11 @@ class Model(BaseModel):
     sizes: list[str] | None = None
     qualities: list[str] | None = None
     default_steps: int | None = None
+    max_pixels: int | None = Field(
+        default=None,
+        description="Models that take any WxH (sides multiples of 16, aspect 1:3 to 3:1): the largest width x height. "
+        "Absent where only the listed sizes are served.",
+    )
 
 
 class ModelList(BaseModel):

@@ -18,7 +18,7 @@ SIGNING_KEY_ENV = "IMAGES_URL_SIGNING_KEY"
 
 # Stored image names are random ids we made, plus an extension; nothing else
 # is ever looked up, so a path from a request can never reach the filesystem.
-IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}\.(png|jpeg|webp)$")
+IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}\.(png|jpeg|webp|svg)$")
 
 
 def _digest(key: str) -> bytes:

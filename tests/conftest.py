@@ -149,3 +149,24 @@ def ingress_client(local_stages, monkeypatch):
         client.headers["Authorization"] = f"Bearer {TEST_API_KEY}"
         client.instance = instance
         yield client
+
+
+def stub_ingress(app_args) -> "ImagesIngress":  # noqa: F821
+    """The real ingress and post-processor on model stages that compute
+    nothing (tests/stub_stages.py, at zero sleep), in-process."""
+    from serve_app.config import load_app_config
+    from serve_app.deployments.ingress import ImagesIngress
+    from serve_app.deployments.post_processor import PostProcessor
+    from tests.stub_stages import stub_model_stages
+
+    config, registry = load_app_config(app_args)
+    cache = str(config.model_cache_path)
+    stages = stub_model_stages(step_s=0, decode_s=0)
+    pipelines = {
+        name: {stage: LocalHandle(cls(p, getattr(config.stages, stage), cache)) for stage, cls in stages.items()}
+        for name, p in registry.pipelines.items()
+    }
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("IMAGES_API_KEYS", raising=False)
+        env.delenv("IMAGES_URL_SIGNING_KEY", raising=False)
+        return ImagesIngress(config, registry, TEST_SIGNING_KEY, pipelines, LocalHandle(PostProcessor(config)))

@@ -41,18 +41,20 @@ from serve_app.deployments.stage_handles import HandleStages
 from serve_app.edit_bodies import as_edit_request, read_edit, read_variation, reference_bytes
 from serve_app.edits import EditSource
 from serve_app.image_fetch import ImageFetcher
-from serve_app.families import FAMILIES
+from serve_app.forwarding import Forwarding
 from serve_app.generation import (
     ResolvedRequest,
     generate,
     generate_stream,
     resolve_request,
+    free_size_limit,
     served_qualities,
     served_sizes,
 )
 from serve_app.metrics import IMAGES
 from serve_app.moderation import AllowAll, Moderator, PatternModerator, moderation_blocked
-from serve_app.middleware import PUBLIC_PREFIXES, GuardSettings, RequestGuard
+from serve_app.middleware import GuardSettings, RequestGuard, is_public
+from serve_app.playground import ASSET_PREFIX, PAGE_PATHS, Playground
 from serve_app.protocol import (
     STREAM_EVENTS,
     ErrorResponse,
@@ -175,6 +177,7 @@ class ImagesIngress:
         self.config = config
         self.registry = registry
         self.signer = UrlSigner(signing_key, config.url_ttl_s)
+        self.forwarding = Forwarding(config.trusted_proxies)
         self.store = ImageStore.from_config(config)
         # Checked once, at start: nodes that join later are not counted.
         shared_store_problem = local_store_warning(self.store, _alive_ray_nodes())
@@ -208,7 +211,7 @@ class ImagesIngress:
         direct = self.store.url_for(name, self.config.url_ttl_s)
         if direct:
             return direct
-        base = (self.config.public_base_url or str(request.base_url)).rstrip("/")
+        base = (self.config.public_base_url or self.forwarding.base_url(request)).rstrip("/")
         expires, sig = self.signer.sign(name)
         return f"{base}/v1/images/files/{name}?expires={expires}&sig={sig}"
 
@@ -393,16 +396,16 @@ class ImagesIngress:
             if problems[m.pipeline]:
                 continue
             p = self.registry.pipelines[m.pipeline]
-            sizes = served_sizes(m, p) + (["auto"] if FAMILIES[m.family].free_sizes else [])
             data.append(
                 Model(
                     id=m.id,
                     created=self.created,
                     owned_by=m.owned_by,
                     family=m.family,
-                    sizes=sizes,
+                    sizes=served_sizes(m, p),
                     qualities=served_qualities(m, p),
                     default_steps=p.default_steps,
+                    max_pixels=free_size_limit(m, p),
                 )
             )
         return ModelList(data=data)
@@ -417,7 +420,9 @@ class ImagesIngress:
             return model_not_ready(", ".join(models)).response()
         return JSONResponse({"status": "ok"})
 
-    async def get_image(self, name: str, expires: str | None = Query(None), sig: str | None = Query(None)) -> Response:
+    async def get_image(
+        self, request: Request, name: str, expires: str | None = Query(None), sig: str | None = Query(None)
+    ) -> Response:
         # A missing or malformed signature is a bad signature (403), not a bad request.
         problem = "bad_signature"
         if expires and expires.isdigit() and sig:
@@ -430,7 +435,15 @@ class ImagesIngress:
         if data is None:
             raise OpenAIError(404, "No such image.", code="not_found")
         ext = name.rsplit(".", 1)[1]
-        return Response(data, media_type=CONTENT_TYPES[ext], headers={"Cache-Control": "private, max-age=3600"})
+        headers = {"Cache-Control": "private, max-age=3600", "Content-Length": str(len(data))}
+        if ext == "svg":
+            # An SVG opened from this origin is a document: it may not run
+            # scripts or load anything (ours are traced paths only).
+            headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
+            headers["X-Content-Type-Options"] = "nosniff"
+        # HEAD: the same status and headers as GET, without the body.
+        body = b"" if request.method == "HEAD" else data
+        return Response(body, media_type=CONTENT_TYPES[ext], headers=headers)
 
 
 def _ignored_header(names: list[str]) -> str:
@@ -530,13 +543,22 @@ def build_api(ingress: ImagesIngress) -> FastAPI:
             path, ingress.health, methods=["GET"], response_model=Health, responses=_errors(500, 503),
             include_in_schema=i == 0,
         )
-    api.add_api_route(
-        "/v1/images/files/{name}",
-        ingress.get_image,
-        methods=["GET"],
-        response_class=Response,
-        responses={200: {"content": {v: {} for v in CONTENT_TYPES.values()}}, **_errors(403, 404, 500)},
-    )
+    for method in ("GET", "HEAD"):
+        # HEAD is GET without a body; it is left out of the schema, which
+        # would otherwise document bodies HEAD never has (and a duplicate operation id).
+        api.add_api_route(
+            "/v1/images/files/{name}",
+            ingress.get_image,
+            methods=[method],
+            response_class=Response,
+            responses={200: {"content": {v: {} for v in CONTENT_TYPES.values()}}, **_errors(403, 404, 500)},
+            include_in_schema=method == "GET",
+        )
+    # The playground page (issue 17): public, outside the API's schema.
+    playground = Playground()
+    for path in PAGE_PATHS:
+        api.add_api_route(path, playground.page, methods=["GET"], include_in_schema=False)
+    api.add_api_route(ASSET_PREFIX + "{name}", playground.asset, methods=["GET"], include_in_schema=False)
     api.openapi = _openapi(api)
     return api
 
@@ -568,7 +590,7 @@ def _openapi(api: FastAPI) -> Callable[[], dict[str, Any]]:
         for path, operations in doc.get("paths", {}).items():
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
-                if not path.startswith(PUBLIC_PREFIXES):
+                if not is_public(path):
                     operation["security"] = [{"apiKey": []}]
         return doc
 

@@ -57,10 +57,10 @@ class PromptEncoder:
         # 1. Count tokens and find what the encoder's window keeps.
         tokenizer = self.encoders[0][0]
         window = tokenizer.model_max_length - 2  # minus start and end tokens
-        text_ids = tokenizer(prompt, truncation=False).input_ids[1:-1]
+        text_ids = tokenizer(prompt, truncation=False, add_special_tokens=False).input_ids
         truncated = len(text_ids) > window
-        encoded_prompt = tokenizer.decode(text_ids[:window]).strip() if truncated else prompt
-        counted = text_ids if count_prompt is None else tokenizer(count_prompt, truncation=False).input_ids[1:-1]
+        encoded_prompt = kept_text(tokenizer, prompt, window) if truncated else prompt
+        counted = text_ids if count_prompt is None else tokenizer(count_prompt, truncation=False, add_special_tokens=False).input_ids
 
         # 2. Encode the prompt, then 3. the negative prompt for guidance.
         embeds, pooled = self._embed(prompt)
@@ -82,3 +82,29 @@ class PromptEncoder:
             truncated=truncated,
             encoded_prompt=encoded_prompt,
         )
+
+
+def kept_text(tokenizer, text: str, window: int) -> str:
+    """The part of ``text``, as written, whose tokens fit the encoder's
+    window: cut where the window's last token ends, at a character boundary.
+    (Decoding the kept tokens instead gives the tokenizer's normal form:
+    lowercased, punctuation spaced out.)"""
+    if getattr(tokenizer, "is_fast", False):
+        # Character offsets of each token in the original text.
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return text[: offsets[window - 1][1]] if len(offsets) > window else text
+
+    # A slow tokenizer has no offsets: the longest prefix whose tokens fit,
+    # by bisection. A longer prefix can merge into fewer tokens, so this
+    # finds a prefix that fits, at worst a few characters short of the longest.
+    def fits(end: int) -> bool:
+        return len(tokenizer(text[:end], add_special_tokens=False).input_ids) <= window
+
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo].rstrip()

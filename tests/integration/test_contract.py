@@ -50,17 +50,22 @@ def steps_run() -> int:
         ({"model": "gpt-image-1", "n": 11}, "n"),
         ({"model": "dall-e-2", "size": "1792x1024"}, "size"),
         ({"model": "dall-e-3", "size": "512x512"}, "size"),
-        ({"model": "gpt-image-1", "size": "1000x1000"}, "size"),
-        ({"model": "gpt-image-1", "size": "1600x400"}, "size"),
-        ({"model": "gpt-image-1", "size": "2048x2048"}, "size"),
+        ({"model": "gpt-image-1", "size": "1280x720"}, "size"),
+        ({"model": "gpt-image-1", "size": "256x256"}, "size"),
+        ({"model": "gpt-image-2", "size": "1000x1000"}, "size"),
+        ({"model": "gpt-image-2", "size": "1600x400"}, "size"),
+        ({"model": "gpt-image-2", "size": "2048x2048"}, "size"),
         ({"model": "dall-e-2", "quality": "hd"}, "quality"),
         ({"model": "dall-e-3", "quality": "low"}, "quality"),
         ({"model": "gpt-image-1", "quality": "standard"}, "quality"),
         ({"model": "tiny-sd", "quality": "max"}, "quality"),
+        ({"model": "gpt-image-1", "quality": "xhigh"}, "quality"),
+        ({"model": "gpt-image-2", "quality": "max"}, "quality"),
+        ({"model": "image"}, "model"),
         ({"model": "dall-e-3", "style": "cartoon"}, "style"),
         ({"model": "gpt-image-1", "background": "transparent", "output_format": "jpeg"}, "background"),
         ({"model": "gpt-image-1", "output_format": "gif"}, "output_format"),
-        ({"model": "gpt-image-1", "output_format": "svg"}, "output_format"),
+        ({"model": "gpt-image-2", "output_format": "svg", "n": 2}, "n"),
         ({"model": "gpt-image-1", "partial_images": 4}, "partial_images"),
         ({"model": "gpt-image-1", "frame_count": 1}, "frame_count"),
         ({"model": "gpt-image-1", "moderation": "high"}, "moderation"),
@@ -88,20 +93,22 @@ def test_dall_e_3_cells(client):
 
 
 def test_revised_prompt_shows_truncation(client):
-    long = "a sea otter floating on its back " * 20
+    # Cut where the encoder's window ends, otherwise as written: case and punctuation kept.
+    long = "A Sea Otter, floating on its back; kelp (green!) around it. " * 20
     resp, _ = generate_raw(client, model="dall-e-3", prompt=long, style="natural", response_format="b64_json")
     revised = resp.data[0].revised_prompt
-    assert revised and len(revised) < len(long) and long.startswith(revised.split(" on its")[0])
+    assert revised and len(revised) < len(long) and long.startswith(revised)
+    assert revised.startswith("A Sea Otter, floating on its back; kelp (green!) around it. A Sea Otter,")
 
 
 def test_gpt_image_cells_and_extras(client):
-    resp, _ = generate_raw(client, model="gpt-image-1", prompt="otter", size="1280x720", quality="low", output_format="webp", output_compression=50)
+    resp, _ = generate_raw(client, model="gpt-image-2", prompt="otter", size="1280x720", quality="low", output_format="webp", output_compression=50)
     assert picture(resp.data[0].b64_json).size == (1280, 720) and picture(resp.data[0].b64_json).format == "WEBP"
     assert (resp.background, resp.output_format, resp.quality, resp.size) == ("opaque", "webp", "low", "1280x720")
     assert resp.usage is not None
-    url, _ = generate_raw(client, model="gpt-image-1", prompt="otter", size="256x256", response_format="url")
+    url, _ = generate_raw(client, model="gpt-image-2", prompt="otter", size="256x256", response_format="url")
     assert url.data[0].url  # url is honoured for gpt-image too
-    auto, _ = generate_raw(client, model="gpt-image-1", prompt="otter", size="auto", quality="auto")
+    auto, _ = generate_raw(client, model="gpt-image-2", prompt="otter", size="auto", quality="auto")
     assert auto.size == "512x512" and auto.quality == "medium"
 
 
@@ -114,7 +121,7 @@ def test_ignored_parameters_header(client):
     resp, headers = generate_raw(client, model="dall-e-2", prompt="otter", size="256x256", style="vivid", output_format="jpeg", extra_body={"complexity": "low"})
     assert set(headers["x-ignored-parameters"].split(",")) == {"style", "output_format", "complexity"}
     assert picture(client.images.generate(model="dall-e-2", prompt="otter", size="256x256", response_format="b64_json", output_format="jpeg").data[0].b64_json).format == "PNG"
-    _, headers = generate_raw(client, model="gpt-image-1", prompt="otter", size="256x256")
+    _, headers = generate_raw(client, model="gpt-image-2", prompt="otter", size="256x256")
     assert "x-ignored-parameters" not in headers
 
 
@@ -122,7 +129,7 @@ def test_quality_changes_the_work_done(client):
     counts = {}
     for q in ("low", "high"):
         before = steps_run()
-        client.images.generate(model="gpt-image-1", prompt="otter", size="256x256", quality=q)
+        client.images.generate(model="gpt-image-2", prompt="otter", size="256x256", quality=q)
         counts[q] = steps_run() - before
     assert counts["high"] > counts["low"] > 0
 
@@ -143,7 +150,7 @@ def test_usage_for_three_tiers(client, tiny_sd_dir, size, expected):
 # --- streaming --------------------------------------------------------------------------
 
 def test_stream_two_partials_then_completed(client):
-    events = list(client.images.generate(model="gpt-image-1", prompt="otter", size="256x256", stream=True, partial_images=2, extra_body={"seed": 9}))
+    events = list(client.images.generate(model="gpt-image-2", prompt="otter", size="256x256", stream=True, partial_images=2, extra_body={"seed": 9}))
     assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
     partials = [PartialImageEvent.model_validate(e.to_dict()) for e in events[:2]]
     done = CompletedEvent.model_validate(events[2].to_dict())
@@ -154,23 +161,40 @@ def test_stream_two_partials_then_completed(client):
         assert pixels.shape == final.shape and not np.array_equal(pixels, final)
     assert done.usage.output_tokens > 0 and done.size == "256x256"
     # The streamed final image is the image the same seed gives without streaming.
-    plain = client.images.generate(model="gpt-image-1", prompt="otter", size="256x256", extra_body={"seed": 9})
+    plain = client.images.generate(model="gpt-image-2", prompt="otter", size="256x256", extra_body={"seed": 9})
     assert np.array_equal(np.asarray(picture(plain.data[0].b64_json)), final)
 
 
 def test_stream_zero_partials_and_n2(client):
-    events = list(client.images.generate(model="gpt-image-1", prompt="otter", size="256x256", stream=True, partial_images=0))
+    events = list(client.images.generate(model="gpt-image-2", prompt="otter", size="256x256", stream=True, partial_images=0))
     assert [e.type for e in events] == ["image_generation.completed"]
-    events = list(client.images.generate(model="gpt-image-1", prompt="otter", size="256x256", n=2, stream=True, partial_images=1))
+    events = list(client.images.generate(model="gpt-image-2", prompt="otter", size="256x256", n=2, stream=True, partial_images=1))
     assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"] * 2
     assert events[2].b64_json != events[3].b64_json
+
+
+@pytest.mark.parametrize(
+    "model, size, quality, partials",
+    [
+        ("dall-e-2", "256x256", "standard", 1),
+        ("dall-e-3", "1024x1024", "standard", 0),
+        ("gpt-image-1", "1024x1024", "low", 0),
+        ("gpt-image-2.5-flare", "256x256", "xhigh", 1),
+    ],
+)
+def test_stream_on_every_family_ends_with_its_image(client, model, size, quality, partials):
+    # gpt-image-2 streams in the tests above; dall-e used to answer plain JSON, which the SDK iterated as nothing.
+    events = list(client.images.generate(model=model, prompt="otter", size=size, quality=quality, stream=True, partial_images=partials))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * partials + ["image_generation.completed"]
+    done = CompletedEvent.model_validate(events[-1].to_dict())
+    assert picture(done.b64_json).size == tuple(map(int, size.split("x"))) and done.quality == quality
 
 
 def test_first_preview_arrives_before_the_denoiser_finishes(client):
     # 16 steps at 1024x1024 with one preview after step 8: if the preview
     # were only sent with the result, it would arrive together with it.
     before = steps_run()
-    stream = client.images.generate(model="gpt-image-1", prompt="otter", size="1024x1024", quality="max", stream=True, partial_images=1)
+    stream = client.images.generate(model="gpt-image-2.5-sunburst", prompt="otter", size="1024x1024", quality="max", stream=True, partial_images=1)
     t0 = time.monotonic()
     first = next(iter(stream))
     t_first = time.monotonic() - t0
@@ -184,22 +208,22 @@ def test_first_preview_arrives_before_the_denoiser_finishes(client):
 # --- transparency and moderation --------------------------------------------------------
 
 def test_transparent_background_end_to_end(client):
-    resp, _ = generate_raw(client, model="gpt-image-1", prompt="a red ball", size="256x256", background="transparent")
+    resp, _ = generate_raw(client, model="gpt-image-2", prompt="a red ball", size="256x256", background="transparent")
     img = picture(resp.data[0].b64_json)
     assert resp.background == "transparent" and img.format == "PNG" and img.mode == "RGBA"
     assert np.asarray(img)[..., 3].min() < 255
-    opaque, _ = generate_raw(client, model="gpt-image-1", prompt="a red ball", size="256x256", background="opaque", output_format="webp")
+    opaque, _ = generate_raw(client, model="gpt-image-2", prompt="a red ball", size="256x256", background="opaque", output_format="webp")
     assert opaque.background == "opaque" and picture(opaque.data[0].b64_json).mode == "RGB"
 
 
 def test_moderation_blocks_before_model_work(client):
     before = steps_run()
     with pytest.raises(openai.BadRequestError) as err:
-        client.images.generate(model="gpt-image-1", prompt="a gory battlefield", size="256x256")
+        client.images.generate(model="gpt-image-2", prompt="a gory battlefield", size="256x256")
     assert err.value.code == "moderation_blocked" and err.value.type == "image_generation_user_error"
     assert steps_run() == before
     # `low` applies only the severe categories.
-    assert client.images.generate(model="gpt-image-1", prompt="a gory battlefield", size="256x256", moderation="low").data
+    assert client.images.generate(model="gpt-image-2", prompt="a gory battlefield", size="256x256", moderation="low").data
 
 
 def test_models_carry_their_capabilities(client, service_url):
@@ -209,10 +233,41 @@ def test_models_carry_their_capabilities(client, service_url):
 
     body = httpx.get(f"{service_url}/v1/models", headers={"Authorization": f"Bearer {TEST_API_KEY}"}).json()
     models = {m["id"]: m for m in ModelList.model_validate(body).model_dump()["data"]}
-    assert {"dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5"} <= set(models)
+    assert {"dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "gpt-image-2", "gpt-image-2.6-flare"} <= set(models)
     assert models["dall-e-3"]["family"] == "dall-e-3" and models["dall-e-3"]["sizes"] == ["1024x1024", "1792x1024", "1024x1792"]
-    assert "xhigh" in models["gpt-image-1"]["qualities"] and "xhigh" not in models["tiny-sd"]["qualities"]
+    assert models["gpt-image-1"]["sizes"] == ["1024x1024", "1536x1024", "1024x1536", "auto"]
+    assert "xhigh" in models["gpt-image-2.5-flare"]["qualities"] and "xhigh" not in models["gpt-image-1"]["qualities"]
     assert models["dall-e-2"]["default_steps"] == 4
+
+
+def test_forwarded_headers_from_an_untrusted_peer_and_head_through_rays_proxy(service_url):
+    """This client connects from 127.0.0.1, which Ray's HTTP proxy (uvicorn)
+    trusts: it applies X-Forwarded-Proto and -For before the ingress sees the
+    request. The session's app trusts no proxy, so the URL stays the
+    service's own (it was https://127.0.0.1:<port>/... before)."""
+    import httpx
+
+    from tests.conftest import TEST_API_KEY
+
+    resp = httpx.post(
+        f"{service_url}/v1/images/generations",
+        json={"model": "dall-e-2", "prompt": "otter", "size": "256x256"},
+        headers={
+            "Authorization": f"Bearer {TEST_API_KEY}",
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-Host": "images.example.com",
+            "X-Forwarded-For": "198.51.100.7",
+        },
+        timeout=60,
+    )
+    assert resp.status_code == 200, resp.text
+    url = resp.json()["data"][0]["url"]
+    assert url.startswith(f"{service_url}/v1/images/files/"), url
+    got, head = httpx.get(url), httpx.head(url)
+    assert head.status_code == got.status_code == 200 and head.content == b""
+    assert int(head.headers["content-length"]) == len(got.content) and head.headers["content-type"] == "image/png"
+    refused = httpx.delete(url)
+    assert refused.status_code == 405 and set(refused.headers["allow"].split(", ")) == {"GET", "HEAD"}
 
 
 def test_client_disconnect_stops_the_denoiser_within_steps(service_url):
@@ -224,7 +279,7 @@ def test_client_disconnect_stops_the_denoiser_within_steps(service_url):
     with pytest.raises(httpx.TimeoutException):
         httpx.post(
             f"{service_url}/v1/images/generations",
-            json={"model": "gpt-image-1", "prompt": "otter", "size": "1024x1024", "quality": "max"},
+            json={"model": "gpt-image-2.5-sunburst", "prompt": "otter", "size": "1024x1024", "quality": "max"},
             headers={"Authorization": f"Bearer {TEST_API_KEY}"},
             timeout=1.0,  # the client gives up and closes the connection
         )

@@ -31,18 +31,20 @@ def test_b64_json(client):
 
 @pytest.mark.parametrize("size", ["256x256", "512x512", "1024x1024", "1792x1024", "1024x1792", "1536x1024", "1024x1536"])
 def test_every_size_decodes_to_its_dimensions(client, size):
-    img = client.images.generate(model="gpt-image-1", prompt="otter", size=size, output_format="jpeg")
+    # gpt-image-2: the family that takes every one of these sizes.
+    img = client.images.generate(model="gpt-image-2", prompt="otter", size=size, output_format="jpeg")
     w, h = map(int, size.split("x"))
     assert decode(img.data[0].b64_json).size == (w, h)
 
 
 def test_auto_size_is_the_model_default(client):
-    img = client.images.generate(model="gpt-image-1", prompt="otter", size="auto")
+    # The pipeline's default, which gpt-image-2 takes (gpt-image-1 would give 1024x1024).
+    img = client.images.generate(model="gpt-image-2", prompt="otter", size="auto")
     assert decode(img.data[0].b64_json).size == (512, 512)
 
 
 def test_n3_gives_three_different_images(client):
-    img = client.images.generate(model="gpt-image-1", prompt="otter", n=3, size="256x256")
+    img = client.images.generate(model="gpt-image-2", prompt="otter", n=3, size="256x256")
     pixels = [np.asarray(decode(d.b64_json)) for d in img.data]
     assert len(pixels) == 3
     assert not np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[1], pixels[2])
@@ -50,23 +52,23 @@ def test_n3_gives_three_different_images(client):
 
 @pytest.mark.parametrize("fmt, magic", [("png", b"\x89PNG"), ("jpeg", b"\xff\xd8\xff"), ("webp", b"RIFF")])
 def test_every_output_format(client, fmt, magic):
-    img = client.images.generate(model="gpt-image-1", prompt="otter", size="256x256", output_format=fmt, output_compression=80)
+    img = client.images.generate(model="gpt-image-2", prompt="otter", size="256x256", output_format=fmt, output_compression=80)
     data = base64.b64decode(img.data[0].b64_json)
     assert data.startswith(magic)
     assert Image.open(io.BytesIO(data)).format == fmt.upper()
 
 
 def test_seed_reproduces_the_image(client):
-    a = client.images.generate(model="gpt-image-1", prompt="otter", size="256x256", extra_body={"seed": 1234})
-    b = client.images.generate(model="gpt-image-1", prompt="otter", size="256x256", extra_body={"seed": 1234})
-    c = client.images.generate(model="gpt-image-1", prompt="otter", size="256x256", extra_body={"seed": 1235})
+    a = client.images.generate(model="gpt-image-2", prompt="otter", size="256x256", extra_body={"seed": 1234})
+    b = client.images.generate(model="gpt-image-2", prompt="otter", size="256x256", extra_body={"seed": 1234})
+    c = client.images.generate(model="gpt-image-2", prompt="otter", size="256x256", extra_body={"seed": 1235})
     assert a.data[0].b64_json == b.data[0].b64_json != c.data[0].b64_json
 
 
 def test_default_response_format_follows_the_family(client):
     assert client.images.generate(model="dall-e-2", prompt="otter", size="256x256").data[0].url
     assert client.images.generate(model="dall-e-3", prompt="otter", size="1024x1024").data[0].url
-    assert client.images.generate(model="gpt-image-1", prompt="otter", size="256x256").data[0].b64_json
+    assert client.images.generate(model="gpt-image-2", prompt="otter", size="256x256").data[0].b64_json
     # no model: the configured default, dall-e-2
     assert client.images.generate(prompt="otter", size="256x256").data[0].url
 

@@ -97,9 +97,11 @@ def test_model_loads_from_s3_and_each_stage_caches_only_its_folders(s3_app):
     assert tops == {
         "text_encoder": {"model_index.json", "tokenizer", "text_encoder"},
         "denoiser": {"model_index.json", "unet", "scheduler", "vae"},
-        "vae_decoder": {"model_index.json", "vae"},
+        "vae_decoder": {"model_index.json", "vae", "unet"},
     }
     assert {f for f in cached_files(s3_app.cache, "denoiser") if f.startswith("vae/")} == {"vae/config.json"}
+    # The VAE stage reads only the UNet's config (is it an inpainting UNet?), never its weights.
+    assert {f for f in cached_files(s3_app.cache, "vae_decoder") if f.startswith("unet/")} == {"unet/config.json"}
 
 
 def test_url_is_a_presigned_s3_get_that_needs_no_credentials(s3_client, s3_endpoint):

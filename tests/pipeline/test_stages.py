@@ -70,6 +70,31 @@ def test_token_count_and_truncation(stages):
     assert not short.truncated and short.encoded_prompt == "otter" and 0 < short.token_count < 10
 
 
+def test_encoded_prompt_is_the_prompt_as_written_cut_where_the_window_ends(stages):
+    """Case, punctuation and spacing as the client wrote them (the tokenizer's
+    decode would lowercase and re-space them), cut where the 75-token window
+    ends: the text up to there tokenizes to exactly the window."""
+    from serve_app.pipeline.encoders import kept_text
+
+    prompt = "A City at Dusk, with Flying Cars; vivid colors -- DRAMATIC lighting! " * 6
+    emb = sync(stages[2].encode(prompt))
+    kept = emb.encoded_prompt
+    assert emb.truncated and prompt.startswith(kept) and len(kept) < len(prompt)
+    assert "A City at Dusk, with Flying Cars; vivid colors -- DRAMATIC lighting!" in kept
+    tokenizer = stages[2].encoder.encoders[0][0]
+    window = tokenizer.model_max_length - 2
+    assert len(tokenizer(kept, add_special_tokens=False).input_ids) == window
+    assert len(tokenizer(prompt[: len(kept) + 1], add_special_tokens=False).input_ids) > window
+    # A tokenizer without offsets (a slow one) gets the same cut by counting prefixes.
+    class NoOffsets:
+        is_fast = False
+
+        def __call__(self, *args, **kwargs):
+            return tokenizer(*args, **kwargs)
+
+    assert kept_text(NoOffsets(), prompt, window) == kept
+
+
 def test_matches_diffusers_pipeline(stages):
     """The split stages give the very pixels the one-process diffusers pipeline gives."""
     from diffusers import DiffusionPipeline

@@ -238,3 +238,28 @@ def test_composite_keeps_protected_pixels_and_feathers_only_the_edited_side():
     assert weight[16, 16] == 0.0 and np.array_equal(out[16, 16], generated[16, 16])  # deep inside: all generated
     assert 0.0 < weight[8, 16] < 1.0  # the first edited row blends
     assert np.array_equal(keep_weight(alpha, 0)[alpha == 0], np.zeros((alpha == 0).sum(), np.float32))
+
+
+def test_a_malformed_multipart_body_is_400(ingress_client):
+    body = b"--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nhat\r\n--b\r\nno headers here\r\n--b--\r\n"
+    resp = ingress_client.post(EDITS, content=body, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert_error(resp, 400, code="invalid_multipart")
+
+
+def test_a_file_over_its_familys_limit_is_refused(ingress_client):
+    # dall-e-2 takes PNGs under 4 MB; noise does not compress, so 1200x1200 is about 4.3 MB.
+    noise = np.random.default_rng(3).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG", compress_level=0)
+    assert len(buf.getvalue()) > 4 << 20
+    resp = edit(ingress_client, {"image": ("big.png", buf.getvalue(), "image/png")}, {"model": "dall-e-2"})
+    assert_error(resp, 400, "image", "image_too_large")
+
+
+def test_models_say_which_take_any_size(ingress_client):
+    models = {m["id"]: m for m in ingress_client.get("/v1/models").json()["data"]}
+    assert "max_pixels" not in models["gpt-image-1"] and "max_pixels" not in models["dall-e-2"]
+    assert models["gpt-image-2"]["max_pixels"] == min(3840 * 2160, 1536 * 1536)
+    # What it advertises holds: a free size within it is served, a fixed-size model refuses one.
+    assert ingress_client.post(GEN, json={"prompt": "otter", "model": "gpt-image-2", "size": "256x256"}).status_code == 200
+    assert_error(ingress_client.post(GEN, json={"prompt": "otter", "model": "gpt-image-1", "size": "256x256"}), 400, "size")

@@ -223,3 +223,225 @@ def test_an_error_after_the_stream_started_is_sent_in_stream(ingress_client, mon
     data = json.loads(events[-1].split("data: ", 1)[1])
     assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["type"] == "server_error"
     assert "secret" not in resp.text
+
+
+# --- issue 12: the contract as today's SDKs speak it ------------------------------------
+
+def _events(resp) -> list[tuple[str, dict]]:
+    """(event name, data) of each server-sent event."""
+    out = []
+    for block in resp.text.split("\n\n"):
+        if block.strip():
+            name = block.split("\n", 1)[0].removeprefix("event: ")
+            out.append((name, json.loads(block.split("data: ", 1)[1])))
+    return out
+
+
+# Every current SDK model id, with the cheapest size its family takes.
+CHEAPEST_SIZE = {
+    "dall-e-2": "256x256",
+    "dall-e-3": "1024x1024",
+    "gpt-image-1": "1024x1024",
+    "gpt-image-1-mini": "1024x1024",
+    "gpt-image-1.5": "1024x1024",
+    "chatgpt-image-latest": "1024x1024",
+    "gpt-image-2": "256x256",
+    "gpt-image-2-2026-04-21": "256x256",
+    "gpt-image-2.5-sunburst": "256x256",
+    "gpt-image-2.5-sunburst-2026-09-08": "256x256",
+    "gpt-image-2.5-flare": "256x256",
+    "gpt-image-2.5-flare-2026-09-08": "256x256",
+    "gpt-image-2.6-sunburst": "256x256",
+    "gpt-image-2.6-flare": "256x256",
+}
+
+
+@pytest.fixture(scope="module")
+def stub_ingress_client(app_args):
+    """The real ingress and post-processor on model stages that compute
+    nothing (tests/stub_stages.py): what differs between model ids is the
+    ingress's work, and every id is an alias of the one real pipeline that
+    the other tests here run."""
+    from fastapi.testclient import TestClient
+
+    from tests.conftest import TEST_API_KEY, stub_ingress
+
+    instance = stub_ingress(app_args)
+    with TestClient(instance.__serve_build_asgi_app__(), raise_server_exceptions=False) as client:
+        client.headers["Authorization"] = f"Bearer {TEST_API_KEY}"
+        yield client
+
+
+def test_every_sdk_model_id_is_listed_and_generates(stub_ingress_client):
+    import openai.types
+
+    client = stub_ingress_client
+    assert set(CHEAPEST_SIZE) == set(openai.types.ImageModel.__args__)
+    listed = {m["id"] for m in client.get("/v1/models").json()["data"]}
+    for model, size in CHEAPEST_SIZE.items():
+        assert model in listed
+        resp = client.post(GEN, json={"model": model, "prompt": "otter", "size": size, "response_format": "b64_json"})
+        assert resp.status_code == 200, (model, resp.text)
+        w, h = map(int, size.split("x"))
+        assert Image.open(io.BytesIO(base64.b64decode(resp.json()["data"][0]["b64_json"]))).size == (w, h), model
+
+
+def test_response_size_is_one_the_model_advertises(ingress_client):
+    listed = {m["id"]: m["sizes"] for m in ingress_client.get("/v1/models").json()["data"]}
+    assert listed["dall-e-2"] == ["256x256", "512x512", "1024x1024"]
+    assert listed["gpt-image-1"] == ["1024x1024", "1536x1024", "1024x1536", "auto"]
+    # The pipeline's 512x512 default is gpt-image-2's `auto`, so it is listed.
+    assert listed["gpt-image-2"] == ["1024x1024", "1536x1024", "1024x1536", "512x512", "auto"]
+    body = ingress_client.post(GEN, json={"model": "gpt-image-2", "prompt": "otter", "quality": "low"}).json()
+    assert body["size"] == "512x512" and body["size"] in listed["gpt-image-2"]
+
+
+def test_stream_on_dall_e_is_an_event_stream(ingress_client):
+    resp = ingress_client.post(GEN, json={"model": "dall-e-2", "prompt": "otter", "size": "256x256", "stream": True, "partial_images": 1})
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    assert "x-ignored-parameters" not in resp.headers
+    events = _events(resp)
+    assert [name for name, _ in events] == ["image_generation.partial_image", "image_generation.completed"]
+    done = events[-1][1]
+    assert (done["size"], done["quality"], done["background"], done["output_format"]) == ("256x256", "standard", "opaque", "png")
+    assert done["usage"]["output_tokens"] > 0
+    assert Image.open(io.BytesIO(base64.b64decode(done["b64_json"]))).size == (256, 256)
+
+
+def test_unknown_model_says_how_to_list_models(ingress_client):
+    err = assert_error(ingress_client.post(GEN, json={"model": "image", "prompt": "otter"}), 400, "model", "model_not_found")
+    assert "GET /v1/models" in err["message"]
+
+
+def test_size_error_names_one_cause(ingress_client):
+    for size in ("100x100", "1000x1000"):
+        err = assert_error(ingress_client.post(GEN, json={"model": "gpt-image-2", "prompt": "otter", "size": size}), 400, "size")
+        assert err["message"] == f"Invalid size '{size}' for model 'gpt-image-2': both sides must be multiples of 16."
+
+
+def _stored_image_path(ingress_client, **body) -> str:
+    resp = ingress_client.post(GEN, json={"prompt": "otter", "size": "256x256", "response_format": "url", **body})
+    assert resp.status_code == 200, resp.text
+    return "/" + resp.json()["data"][0]["url"].split("://", 1)[1].split("/", 1)[1]
+
+
+def test_head_on_an_image_url_is_get_without_the_body(ingress_client):
+    path = _stored_image_path(ingress_client, model="dall-e-2")
+    got, head = ingress_client.get(path), ingress_client.head(path)
+    assert head.status_code == got.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"] == "image/png"
+    assert int(head.headers["content-length"]) == len(got.content)
+    assert head.headers["cache-control"] == got.headers["cache-control"]
+    assert ingress_client.head(path.split("?")[0]).status_code == 403
+
+
+def test_405_names_the_allowed_methods(ingress_client):
+    err = assert_error(ingress_client.get(GEN), 405, code="method_not_allowed")
+    assert err["type"] == "invalid_request_error"
+    assert ingress_client.get(GEN).headers["allow"] == "POST"
+    path = _stored_image_path(ingress_client, model="dall-e-2")
+    resp = ingress_client.post(path)
+    assert resp.status_code == 405 and set(resp.headers["allow"].split(", ")) == {"GET", "HEAD"}
+
+
+def test_svg_output_is_xml_with_an_svg_root(ingress_client):
+    from xml.etree import ElementTree
+
+    resp = ingress_client.post(GEN, json={"model": "gpt-image-2", "prompt": "otter", "size": "256x256", "quality": "low", "output_format": "svg"})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["output_format"] == "svg"
+    root = ElementTree.fromstring(base64.b64decode(body["data"][0]["b64_json"]))
+    assert root.tag == "{http://www.w3.org/2000/svg}svg" and (root.get("width"), root.get("height")) == ("256", "256")
+    path = _stored_image_path(ingress_client, model="gpt-image-2", quality="low", output_format="svg")
+    assert path.split("?")[0].endswith(".svg")
+    got = ingress_client.get(path, headers={"Authorization": ""})
+    assert got.status_code == 200 and got.headers["content-type"] == "image/svg+xml"
+    assert "default-src 'none'" in got.headers["content-security-policy"]
+    assert ElementTree.fromstring(got.content).tag == "{http://www.w3.org/2000/svg}svg"
+    err = assert_error(ingress_client.post(GEN, json={"model": "gpt-image-2", "prompt": "otter", "output_format": "svg", "n": 2}), 400, "n")
+    assert "SVG" in err["message"]
+    assert_error(ingress_client.post(GEN, json={"model": "gpt-image-2", "prompt": "otter", "output_format": "svg", "stream": True}), 400, "stream")
+    err = assert_error(ingress_client.post(GEN, json={"model": "gpt-image-2", "prompt": "otter", "output_format": "gif"}), 400, "output_format")
+    assert "gif" in err["message"]
+
+
+@pytest.fixture()
+def ingress_at(local_stages, monkeypatch):
+    """An in-process ingress with config changes, seen from a given peer address."""
+    from fastapi.testclient import TestClient
+
+    from serve_app.deployments.ingress import ImagesIngress
+    from tests.conftest import TEST_API_KEY, TEST_SIGNING_KEY
+
+    config, registry, pipelines, post = local_stages
+    monkeypatch.delenv("IMAGES_API_KEYS", raising=False)
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    clients = []
+
+    def make(peer: tuple[str, int], behind_ray_proxy: bool = False, **changes):
+        instance = ImagesIngress(config.model_copy(update=changes), registry, TEST_SIGNING_KEY, pipelines, post)
+        app = instance.__serve_build_asgi_app__()
+        if behind_ray_proxy:
+            # What Ray 2.60's HTTP proxy runs in front of the app: uvicorn's
+            # proxy-headers middleware with uvicorn's default trusted hosts.
+            from uvicorn.config import Config
+            from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+            assert Config(app).proxy_headers
+            app = ProxyHeadersMiddleware(app, trusted_hosts="127.0.0.1,::1")
+        client = TestClient(app, client=peer, raise_server_exceptions=False)
+        client.headers["Authorization"] = f"Bearer {TEST_API_KEY}"
+        clients.append(client)
+        return client
+
+    yield make
+    for c in clients:
+        c.close()
+
+
+def _url_base(client, headers: dict[str, str]) -> str:
+    resp = client.post(GEN, json={"model": "dall-e-2", "prompt": "otter", "size": "256x256"}, headers=headers)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["data"][0]["url"].split("/v1/images/files/")[0]
+
+
+FORWARDED = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "images.example.com"}
+
+
+def test_forwarded_headers_from_an_untrusted_peer_are_ignored(ingress_at):
+    client = ingress_at(("203.0.113.9", 40000), trusted_proxies=["10.0.0.0/8"])
+    assert _url_base(client, FORWARDED) == "http://testserver"
+    assert _url_base(client, {"Forwarded": 'for=1.2.3.4;proto=https;host="evil.example"'}) == "http://testserver"
+
+
+def test_forwarded_headers_from_a_trusted_peer_set_the_url(ingress_at):
+    client = ingress_at(("10.1.2.3", 40000), trusted_proxies=["10.0.0.0/8"])
+    assert _url_base(client, FORWARDED) == "https://images.example.com"
+    assert _url_base(client, {"Forwarded": 'for=198.51.100.1;proto=https;host="a.example:8443"'}) == "https://a.example:8443"
+    # Only the last value counts: the one the nearest proxy wrote.
+    assert _url_base(client, {"X-Forwarded-Host": "client-made.example, images.example.com"}) == "http://images.example.com"
+    # A host that is no host name is not used.
+    assert _url_base(client, {"X-Forwarded-Host": "bad host/x"}) == "http://testserver"
+    # public_base_url wins over any header.
+    pinned = ingress_at(("10.1.2.3", 40000), trusted_proxies=["10.0.0.0/8"], public_base_url="https://pinned.example")
+    assert _url_base(pinned, FORWARDED) == "https://pinned.example"
+
+
+def test_forwarded_headers_through_rays_proxy_middleware(ingress_at):
+    """Ray's proxy hands a connection from 127.0.0.1 on with the scheme from
+    X-Forwarded-Proto and the client from X-Forwarded-For already applied:
+    the peer (a proxy on the same host) is still judged by trusted_proxies."""
+    headers = {**FORWARDED, "X-Forwarded-For": "198.51.100.7"}
+    untrusting = ingress_at(("127.0.0.1", 50000), behind_ray_proxy=True)
+    assert _url_base(untrusting, headers) == "http://testserver"
+    assert _url_base(untrusting, {"X-Forwarded-Proto": "https"}) == "http://testserver"
+    trusting = ingress_at(("127.0.0.1", 50000), behind_ray_proxy=True, trusted_proxies=["127.0.0.1"])
+    assert _url_base(trusting, headers) == "https://images.example.com"
+    assert _url_base(trusting, {"X-Forwarded-Proto": "https"}) == "https://testserver"
+    # A client elsewhere naming a trusted address in X-Forwarded-For gains nothing.
+    remote = ingress_at(("198.51.100.7", 50000), behind_ray_proxy=True, trusted_proxies=["127.0.0.1"])
+    assert _url_base(remote, {**FORWARDED, "X-Forwarded-For": "127.0.0.1"}) == "http://testserver"
+    # Nor one naming its own address and port, which is what a replaced client looks like with a port.
+    assert _url_base(remote, {**FORWARDED, "X-Forwarded-For": "198.51.100.7:50000"}) == "http://testserver"

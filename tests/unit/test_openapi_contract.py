@@ -30,8 +30,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.conftest import TEST_API_KEY, TEST_SIGNING_KEY, LocalHandle
-from tests.stub_stages import stub_model_stages
+from tests.conftest import TEST_API_KEY, stub_ingress
 
 # Fuzzed cases per operation (valid and invalid together). The examples and
 # coverage phases add their own: the schema's examples, and per field the
@@ -47,21 +46,7 @@ TALLY: Counter[tuple[str, str, str]] = Counter()
 @pytest.fixture(scope="module")
 def contract_app(app_args):
     """The ingress's ASGI app on stub model stages (conftest's local_stages, with sleeping models)."""
-    from serve_app.config import load_app_config
-    from serve_app.deployments.ingress import ImagesIngress
-    from serve_app.deployments.post_processor import PostProcessor
-
-    config, registry = load_app_config(app_args)
-    cache = str(config.model_cache_path)
-    stages = stub_model_stages(step_s=0, decode_s=0)
-    pipelines = {
-        name: {stage: LocalHandle(cls(p, getattr(config.stages, stage), cache)) for stage, cls in stages.items()}
-        for name, p in registry.pipelines.items()
-    }
-    with pytest.MonkeyPatch.context() as env:
-        env.delenv("IMAGES_API_KEYS", raising=False)
-        env.delenv("IMAGES_URL_SIGNING_KEY", raising=False)
-        instance = ImagesIngress(config, registry, TEST_SIGNING_KEY, pipelines, LocalHandle(PostProcessor(config)))
+    instance = stub_ingress(app_args)
     return instance.__serve_build_asgi_app__()
 
 
