@@ -30,8 +30,15 @@ T = TypeVar("T")
 REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 
-async def call_stage(stage: str, make_call: Callable[[], Awaitable[T]]) -> T:
-    """Run one stage call with the overload and retry rules above."""
+async def call_stage(
+    stage: str, make_call: Callable[[], Awaitable[T]], replicas_left: Callable[[], Awaitable[int | None]] | None = None
+) -> T:
+    """Run one stage call with the overload and retry rules above.
+
+    ``replicas_left`` says how many replicas of the stage still run. When
+    none does (its node went and no node can hold a new one), the retry
+    would wait in Serve's queue until the request's deadline, so the client
+    is told at once instead (503 with Retry-After)."""
     for attempt in (1, 2):
         try:
             return await make_call()
@@ -39,9 +46,20 @@ async def call_stage(stage: str, make_call: Callable[[], Awaitable[T]]) -> T:
             raise server_overloaded(f"the {stage} stage") from None
         except REPLICA_GONE as exc:
             logger.warning("%s call failed (attempt %d): %s", stage, attempt, type(exc).__name__)
-            if attempt == 2:
+            if attempt == 2 or (replicas_left is not None and await _none_left(stage, replicas_left)):
                 raise stage_unavailable(stage) from exc
     raise AssertionError("unreachable")
+
+
+async def _none_left(stage: str, replicas_left: Callable[[], Awaitable[int | None]]) -> bool:
+    try:
+        left = await replicas_left()
+    except Exception as exc:  # noqa: BLE001 - the controller is unreachable too: retry as usual
+        logger.warning("could not ask Serve how many %s replicas run: %s", stage, type(exc).__name__)
+        return False
+    if left == 0:
+        logger.warning("%s has no running replica left; not retrying", stage)
+    return left == 0
 
 
 def running_replicas(deployment_status: Any) -> int:
@@ -57,14 +75,14 @@ class HandleStages:
         self._te, self._dn, self._vae, self._pp = text_encoder, denoiser, vae_decoder, post_processor
 
     async def encode(self, prompt: str, count_prompt: str) -> PromptEmbeddings:
-        return await call_stage("text encoder", lambda: self._te.encode.remote(prompt, count_prompt))
+        return await call_stage("text encoder", lambda: self._te.encode.remote(prompt, count_prompt), self._left(self._te))
 
     async def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None) -> EditLatents:
         # The VAE encoder lives in the VAE decoder's replica (it loads the whole VAE).
-        return await call_stage("VAE encoder", lambda: self._vae.encode.remote(pixels, alpha))
+        return await call_stage("VAE encoder", lambda: self._vae.encode.remote(pixels, alpha), self._left(self._vae))
 
     async def denoise(self, job: DenoiseJob) -> np.ndarray:
-        return await call_stage("denoiser", lambda: self._dn.denoise.remote(job))
+        return await call_stage("denoiser", lambda: self._dn.denoise.remote(job), self._left(self._dn))
 
     async def denoise_stream(self, job: DenoiseJob, preview_steps: list[int]) -> AsyncIterator[tuple[str, np.ndarray]]:
         # Not retried: previews already sent cannot be taken back.
@@ -77,13 +95,28 @@ class HandleStages:
             raise stage_unavailable("denoiser") from exc
 
     async def decode(self, latents: np.ndarray) -> np.ndarray:
-        return await call_stage("VAE decoder", lambda: self._vae.decode.remote(latents))
+        return await call_stage("VAE decoder", lambda: self._vae.decode.remote(latents), self._left(self._vae))
 
     async def postprocess(self, pixels: np.ndarray, spec: PostProcessSpec) -> dict[str, str]:
-        return await call_stage("post-processor", lambda: self._pp.process.remote(pixels, spec))
+        return await call_stage("post-processor", lambda: self._pp.process.remote(pixels, spec), self._left(self._pp))
 
     async def discard(self, names: list[str]) -> None:
         await self._pp.discard.remote(names)
+
+    def _left(self, handle: Any) -> Callable[[], Awaitable[int | None]] | None:
+        """How many replicas of a handle's deployment run, from Serve's
+        controller; None outside a Serve replica (in-process tests)."""
+        name = getattr(handle, "deployment_name", None)
+        if not isinstance(name, str):
+            return None
+
+        async def left() -> int | None:
+            status = await asyncio.to_thread(serve.status)
+            app = status.applications.get(handle.app_name)
+            deployment = app.deployments.get(name) if app is not None else None
+            return None if deployment is None else running_replicas(deployment)
+
+        return left
 
     async def stages_starting(self) -> list[str]:
         """This pipeline's deployments that have no running replica yet (starting

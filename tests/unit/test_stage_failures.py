@@ -106,3 +106,28 @@ def test_a_running_stream_holds_an_admission_slot(ingress_client, monkeypatch):
         first.result()
     assert second.status_code == 429 and second.json()["error"]["code"] == "server_overloaded"
     assert ingress_client.instance.in_flight == 0
+
+
+def test_no_retry_when_no_replica_is_left():
+    """A replica lost with its node, and no node to hold another: 503 at once, not a wait in Serve's queue."""
+    call, calls = failing(ActorDiedError())
+
+    async def none_left():
+        return 0
+
+    with pytest.raises(OpenAIError) as e:
+        run(call_stage("denoiser", call, none_left))
+    assert e.value.status == 503 and e.value.code == "stage_unavailable" and e.value.headers["Retry-After"]
+    assert len(calls) == 1
+
+    async def one_left():
+        return 1
+
+    call, calls = failing(ActorDiedError())
+    assert run(call_stage("denoiser", call, one_left)) == "ok" and len(calls) == 2
+
+    async def unknown():
+        raise RuntimeError("controller unreachable")
+
+    call, calls = failing(ActorDiedError())
+    assert run(call_stage("denoiser", call, unknown)) == "ok" and len(calls) == 2
