@@ -1,0 +1,102 @@
+"""The seam between the generic stage deployments and one model architecture.
+
+Each architecture (Stable Diffusion 1.x/2.x and SDXL, SD3, FLUX, ...) is one
+module in this package with one :class:`Architecture` subclass that says,
+for each of our three model stages, which files it needs, what it loads
+and what it does. The stage deployments (TextEncoder, Denoiser, VaeDecoder)
+hold an architecture object and call only these methods; no stage code
+asks which architecture it runs.
+
+One instance serves one stage in one replica: a stage calls its own
+``load_*`` method and then only that stage's methods, so a replica holds
+only its own components. Everything that crosses between stages is one of
+the small data classes in :mod:`serve_app.pipeline.types`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Iterator
+
+import numpy as np
+import torch
+
+from serve_app.pipeline.components import PipelineLayout
+from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings
+
+
+class Architecture:
+    # model_index.json `_class_name` values this architecture serves.
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    # Files each stage needs, as fnmatch globs relative to the pipeline root
+    # (serve_app.pipeline.sources.SourceFiles patterns; "*" also matches "/").
+    text_files: ClassVar[tuple[str, ...]] = ()
+    denoiser_files: ClassVar[tuple[str, ...]] = ()
+    vae_files: ClassVar[tuple[str, ...]] = ()
+    # Whether the architecture can edit (its VAE encodes and its denoiser
+    # starts from image latents), and how many reference images it takes
+    # besides the edited one.
+    edits: ClassVar[bool] = False
+    reference_images: ClassVar[int] = 0
+
+    def __init__(self, layout: PipelineLayout, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.layout = layout
+        self.device = device
+        self.dtype = dtype
+
+    # --- text encoder stage -------------------------------------------------
+    def load_text(self) -> None:
+        """Load the tokenizer(s) and text encoder(s) only."""
+        raise NotImplementedError
+
+    def encode(self, prompt: str, negative_prompt: str = "", count_prompt: str | None = None) -> PromptEmbeddings:
+        """Embeddings of one prompt (and, where the architecture uses true
+        guidance, of the negative prompt); ``token_count`` counts
+        ``count_prompt`` (default ``prompt``) in the model's own tokenizer;
+        ``encoded_prompt`` is the prompt as written, cut where the encoder's
+        window ends."""
+        raise NotImplementedError
+
+    def probe_text(self) -> bool:
+        """Encode the empty prompt; True when finite (check_health)."""
+        raise NotImplementedError
+
+    # --- denoiser stage -------------------------------------------------------
+    def load_denoiser(self) -> None:
+        """Load the denoising network and the scheduler only (configs of other components may be read)."""
+        raise NotImplementedError
+
+    def denoise(self, jobs: list[DenoiseJob], preview_steps: set[int], every_step: bool) -> Iterator[tuple[str, np.ndarray | None]]:
+        """Denoise jobs that share ``DenoiseJob.batch_key()`` as one batch.
+
+        Yields ("preview", predicted clean latents for every image) after each
+        step listed in ``preview_steps`` (1-based, never the last), ("step",
+        None) after every step when ``every_step``, and ("final", latents)
+        last: an (images, ...) array in job order, as the VAE stage decodes
+        it. Each image's initial noise is drawn from its own seed on a CPU
+        generator, so an image depends only on its seed, not on its batch.
+        ``torch.inference_mode`` is entered per step, never across a yield.
+        """
+        raise NotImplementedError
+
+    def steps_for(self, job: DenoiseJob) -> int:
+        """How many steps a job runs (an edit runs only the tail of the schedule)."""
+        return job.steps
+
+    def probe_denoiser(self) -> bool:
+        raise NotImplementedError
+
+    # --- VAE stage --------------------------------------------------------------
+    def load_vae(self) -> None:
+        raise NotImplementedError
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """The denoiser's final (or preview) latents -> (n, H, W, 3) uint8 RGB."""
+        raise NotImplementedError
+
+    def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None = None) -> EditLatents:
+        """An edit's input (HxWx3 uint8 at the output size; alpha HxW uint8,
+        0 = edit) -> what the denoiser starts from."""
+        raise NotImplementedError(f"{type(self).__name__} does not edit images")
+
+    def probe_vae(self) -> bool:
+        raise NotImplementedError
