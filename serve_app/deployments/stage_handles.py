@@ -20,9 +20,9 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from serve_app.errors import server_overloaded, stage_unavailable
+from serve_app.errors import invalid_request, server_overloaded, stage_unavailable
 from serve_app.generation import PostProcessSpec
-from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings
+from serve_app.pipeline.types import DenoiseJob, EditLatents, EditsUnsupported, PromptEmbeddings
 
 logger = logging.getLogger("serve_app")
 
@@ -79,7 +79,11 @@ class HandleStages:
 
     async def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None) -> EditLatents:
         # The VAE encoder lives in the VAE decoder's replica (it loads the whole VAE).
-        return await call_stage("VAE encoder", lambda: self._vae.encode.remote(pixels, alpha), self._left(self._vae))
+        try:
+            return await call_stage("VAE encoder", lambda: self._vae.encode.remote(pixels, alpha), self._left(self._vae))
+        except EditsUnsupported:
+            # Ray re-raises a replica's exception as a subclass of its own type.
+            raise invalid_request("This model's architecture does not edit images; use another model.", "model", "unsupported_model") from None
 
     async def denoise(self, job: DenoiseJob) -> np.ndarray:
         return await call_stage("denoiser", lambda: self._dn.denoise.remote(job), self._left(self._dn))

@@ -24,6 +24,12 @@ class PromptEmbeddings:
     encoded_prompt: str = ""  # the text actually encoded (after truncation)
 
 
+class EditsUnsupported(Exception):
+    """The model's architecture cannot edit images (raised by its VAE stage;
+    the ingress answers 400 naming the model). Here, not beside the
+    architectures, so that the ingress can catch it without importing torch."""
+
+
 @dataclass
 class EditLatents:
     """What the VAE encoder hands the denoiser for an edit of one image.

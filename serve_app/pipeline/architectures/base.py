@@ -22,7 +22,7 @@ import torch
 
 from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.sources import SourceFiles
-from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings
+from serve_app.pipeline.types import DenoiseJob, EditLatents, EditsUnsupported, PromptEmbeddings
 
 Stage = Literal["text_encoder", "denoiser", "vae_decoder"]
 
@@ -107,7 +107,7 @@ class Architecture:
     def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None = None) -> EditLatents:
         """An edit's input (HxWx3 uint8 at the output size; alpha HxW uint8,
         0 = edit) -> what the denoiser starts from."""
-        raise NotImplementedError(f"{type(self).__name__} does not edit images")
+        raise EditsUnsupported(f"{type(self).__name__} does not edit images")
 
     def probe_vae(self) -> bool:
         raise NotImplementedError
