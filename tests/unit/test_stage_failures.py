@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
+
 import pytest
 from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
@@ -131,3 +133,18 @@ def test_no_retry_when_no_replica_is_left():
 
     call, calls = failing(ActorDiedError())
     assert run(call_stage("denoiser", call, unknown)) == "ok" and len(calls) == 2
+
+
+def test_an_architecture_that_cannot_edit_is_a_400_on_model():
+    from serve_app.deployments.stage_handles import HandleStages
+    from serve_app.pipeline.types import EditsUnsupported
+    from tests.conftest import LocalHandle
+
+    class NoEdits:
+        def encode(self, pixels, alpha=None):
+            raise EditsUnsupported("no")
+
+    stages = HandleStages(None, None, LocalHandle(NoEdits()), None)
+    with pytest.raises(OpenAIError) as e:
+        run(stages.encode_image(np.zeros((8, 8, 3), np.uint8), None))
+    assert e.value.status == 400 and e.value.param == "model"
