@@ -96,7 +96,7 @@ def _text_encoder_config(vocab_size: int, projection_dim: int = _TEXT_HIDDEN):
     )
 
 
-def _vae():
+def _vae(latent_channels: int = 4, **config):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -106,10 +106,11 @@ def _vae():
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 8, 16, 16),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=4,
         sample_size=64,
         mid_block_add_attention=False,
+        **config,
     )
 
 
@@ -222,25 +223,11 @@ def t5_unigram_tokenizer(model_max_length: int = _T5_WINDOW):
 
 
 def _flux_vae():
-    """FLUX's VAE shape at toy width: 8x downsampling (four blocks), 16
-    latent channels, no quant convs, and FLUX's latent scaling and shift."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=False,
+    """FLUX's VAE shape at toy width: 8x downsampling (four blocks) as
+    SD's, but 16 latent channels, no quant convs, and FLUX's latent scaling
+    and shift."""
+    return _vae(
+        latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
     )
 
 
