@@ -254,12 +254,16 @@ def run_codecs(model_dir: Path) -> dict:
     import torch
 
     from serve_app.codecs import encode_image
+    from serve_app.pipeline.architectures import architecture_for
+    from serve_app.pipeline.architectures.sd import StableDiffusion
     from serve_app.pipeline.components import PipelineLayout
     from serve_app.pipeline.decoders import LatentDecoder
 
     layout = PipelineLayout.read(model_dir)
     latents = torch.randn((1, 4, 128, 128), generator=torch.Generator().manual_seed(0)).numpy()
-    pixels = LatentDecoder(layout).decode(latents)[0] if not layout.is_sdxl else np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), np.uint8)
+    # The embedded model's own picture; noise of the same size for other architectures (whose latents differ).
+    own = architecture_for(layout) is StableDiffusion
+    pixels = LatentDecoder(layout).decode(latents)[0] if own else np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), np.uint8)
     out = {}
     for fmt in ("png", "jpeg", "webp"):
         times = []

@@ -81,18 +81,6 @@ class SleepyDenoiser:
         return True
 
 
-class SleepyImageEncoder:
-    """The VAE encoder's stand-in: latents of the real shape, derived from the pixels."""
-
-    def encode(self, pixels: np.ndarray, alpha: np.ndarray | None = None) -> EditLatents:
-        h, w = pixels.shape[0] // SCALE, pixels.shape[1] // SCALE
-        mean = np.broadcast_to(pixels[::SCALE, ::SCALE, :1].transpose(2, 0, 1) / 255.0, (LATENT_CHANNELS, h, w))
-        latents = EditLatents(mean=np.ascontiguousarray(mean[None], np.float32), std=np.zeros((1, LATENT_CHANNELS, h, w), np.float32))
-        if alpha is not None:
-            latents.mask = (alpha[::SCALE, ::SCALE] < 128).astype(np.float32)[None, None]
-        return latents
-
-
 class SleepyDecoder:
     def __init__(self, batch_s: float):
         self.batch_s = batch_s
@@ -100,6 +88,15 @@ class SleepyDecoder:
     def decode_many(self, batch: list[np.ndarray]) -> list[np.ndarray]:
         time.sleep(self.batch_s)
         return [self.decode(latents) for latents in batch]
+
+    def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None = None) -> EditLatents:
+        """The VAE encoder's stand-in: latents of the real shape, derived from the pixels."""
+        h, w = pixels.shape[0] // SCALE, pixels.shape[1] // SCALE
+        mean = np.broadcast_to(pixels[::SCALE, ::SCALE, :1].transpose(2, 0, 1) / 255.0, (LATENT_CHANNELS, h, w))
+        latents = EditLatents(mean=np.ascontiguousarray(mean[None], np.float32), std=np.zeros((1, LATENT_CHANNELS, h, w), np.float32))
+        if alpha is not None:
+            latents.mask = (alpha[::SCALE, ::SCALE] < 128).astype(np.float32)[None, None]
+        return latents
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         n, _, h, w = latents.shape
@@ -129,7 +126,6 @@ def stub_model_stages(step_s: float = 0.05, decode_s: float = 0.02, load_s: floa
         def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
             time.sleep(load_s)
             self.decoder = SleepyDecoder(decode_s)
-            self.encoder = SleepyImageEncoder()
             self.batches = BatchRunner("vae_decoder", self.decoder.decode_many, self.options)
 
     return {"text_encoder": StubTextEncoder, "denoiser": StubDenoiser, "vae_decoder": StubVaeDecoder}

@@ -1,4 +1,4 @@
-"""Denoiser deployment: embeddings + seeds -> latents. Holds the UNet and scheduler only."""
+"""Denoiser deployment: embeddings + seeds -> latents. Holds the denoising network (UNet or transformer) and scheduler only."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from serve_app.deployments.batching import BatchRunner
-from serve_app.deployments.replica import ModelStage, optimize_module
+from serve_app.deployments.replica import ModelStage, optimize_modules
 from serve_app.metrics import STEP_SECONDS
 from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.denoise import LatentDenoiser
@@ -19,11 +19,11 @@ PREVIEW_SEND_S = 0.02  # loop time given to send a preview before the next step
 
 
 class Denoiser(ModelStage):
-    files = LatentDenoiser.SOURCE_FILES
+    stage = "denoiser"
 
     def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
         self.denoiser = LatentDenoiser(layout, device, dtype)
-        self.denoiser.unet = optimize_module(self.denoiser.unet, self.options, device)
+        optimize_modules(self.denoiser.arch, self.options, device)
         self.denoiser.on_step = STEP_SECONDS.observe
         self.batches = BatchRunner("denoiser", self.denoiser.denoise_many_steps, self.options, stepwise=True)
 

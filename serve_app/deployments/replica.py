@@ -11,10 +11,15 @@ import torch
 
 from serve_app.config import PipelineConfig, StageOptions
 from serve_app.pipeline.components import PipelineLayout, pick_device, pick_dtype
+from serve_app.pipeline.architectures import architecture_for
+from serve_app.pipeline.architectures.base import Stage
 from serve_app.pipeline.sources import ModelSourceError, SourceFiles, fetch_source
 from serve_app.pipeline.tiny import save_tiny_pipeline
 
 logger = logging.getLogger("serve_app")
+
+# What every stage fetches first: the pipeline's index names its architecture.
+MODEL_INDEX = SourceFiles("model_index", ("model_index.json",))
 
 
 def use_torch_threads(options: StageOptions) -> None:
@@ -34,10 +39,11 @@ def use_torch_threads(options: StageOptions) -> None:
 
 
 def prepare_replica(
-    pipeline: PipelineConfig, options: StageOptions, files: SourceFiles, cache_dir: Path
+    pipeline: PipelineConfig, options: StageOptions, stage: Stage, cache_dir: Path
 ) -> tuple[PipelineLayout, str, torch.dtype]:
-    """Set torch's threads, make sure the stage's files are on local disk,
-    pick device and dtype.
+    """Set torch's threads, make sure the stage's files are on local disk
+    (model_index.json first: it names the architecture, which says what
+    else the stage needs), pick device and dtype.
 
     Ray sets OMP_NUM_THREADS to the actor's num_cpus (one thread for
     fractional CPUs), which made a prototype of this graph 2.7x slower than
@@ -47,7 +53,9 @@ def prepare_replica(
     if pipeline.builtin and not (pipeline.path / "model_index.json").exists():
         logger.info("building the embedded %s model at %s", pipeline.builtin, pipeline.path)
         save_tiny_pipeline(pipeline.path, pipeline.builtin)
-    root = fetch_source(pipeline, files, cache_dir)
+    index_root = fetch_source(pipeline, MODEL_INDEX, cache_dir)
+    architecture = architecture_for(PipelineLayout.read(index_root))
+    root = fetch_source(pipeline, architecture.files(stage), cache_dir)
     device = pick_device(options.device)
     return PipelineLayout.read(root), device, pick_dtype(pipeline.dtype, device)
 
@@ -67,16 +75,16 @@ class ModelStage:
     and answers its requests with 503 model_unavailable.
     """
 
-    files: SourceFiles  # the part of the pipeline this stage loads
+    stage: Stage  # which part of the pipeline this stage loads (its architecture says which files)
 
     def __init__(self, pipeline: PipelineConfig, options: StageOptions, cache_dir: str):
         self._problem: str | None = None
         self.options = options
         try:
-            self.load(*prepare_replica(pipeline, options, self.files, Path(cache_dir)))
+            self.load(*prepare_replica(pipeline, options, self.stage, Path(cache_dir)))
         except Exception as exc:  # noqa: BLE001 - reported by problem(), logged with its traceback
             detail = str(exc) if isinstance(exc, ModelSourceError) else f"{pipeline.source}: {type(exc).__name__}: {exc}"
-            self._problem = f"cannot load the {self.files.name} stage from {detail}"
+            self._problem = f"cannot load the {self.stage} stage from {detail}"
             logger.error("%s: %s", type(self).__name__, self._problem, exc_info=True)
 
     def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
@@ -168,3 +176,10 @@ def optimize_module(module: torch.nn.Module, options: StageOptions, device: str)
         # (config, dtype) that the stage code reads.
         module.forward = torch.compile(module.forward, mode="max-autotune-no-cudagraphs", fullgraph=False)
     return module
+
+
+def optimize_modules(architecture: Any, options: StageOptions, device: str) -> None:
+    """:func:`optimize_module` on every torch module the stage's architecture loaded."""
+    for name, value in list(vars(architecture).items()):
+        if isinstance(value, torch.nn.Module):
+            setattr(architecture, name, optimize_module(value, options, device))

@@ -11,7 +11,7 @@ from serve_app.pipeline.types import PromptEmbeddings
 
 
 class TextEncoder(ModelStage):
-    files = PromptEncoder.SOURCE_FILES
+    stage = "text_encoder"
 
     def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
         self.encoder = PromptEncoder(layout, device, dtype)

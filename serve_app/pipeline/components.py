@@ -17,27 +17,8 @@ from typing import Any
 
 import torch
 
-# Pipelines whose conditioning follows SDXL's rules: two text encoders whose
-# penultimate hidden states are concatenated, the second's pooled output and
-# six "added time ids" as extra UNet conditioning.
-# The img2img and inpaint variants share the text-to-image components; an
-# inpainting checkpoint differs only in its UNet (9 input channels), which
-# the stages read from the UNet's own config.
-_SDXL_CLASSES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"}
-_SD_CLASSES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
-# FLUX.1 dev and schnell (serve_app.pipeline.architectures.flux): a transformer
-# instead of a UNet, CLIP-L for the pooled vector and T5 for the sequence.
-_FLUX_CLASSES = {"FluxPipeline", "FluxImg2ImgPipeline"}
-# The components each supported pipeline class must list in model_index.json.
-_UNET_NEEDS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
-_REQUIRED: dict[str, tuple[str, ...]] = {
-    **{c: _UNET_NEEDS for c in _SDXL_CLASSES | _SD_CLASSES},
-    **{c: ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") for c in _FLUX_CLASSES},
-}
-
-
 class ModelLayoutError(RuntimeError):
-    """The directory is not a usable Stable Diffusion family pipeline."""
+    """The directory is not a usable diffusers pipeline of an architecture we serve."""
 
 
 @dataclass(frozen=True)
@@ -47,16 +28,6 @@ class PipelineLayout:
     components: dict[str, tuple[str, str]]  # name -> (library, class)
     force_zeros_for_empty_prompt: bool
 
-    @property
-    def is_sdxl(self) -> bool:
-        return self.pipeline_class in _SDXL_CLASSES
-
-    @property
-    def text_encoder_names(self) -> list[tuple[str, str]]:
-        """(tokenizer, text_encoder) pairs in the order their embeddings are concatenated."""
-        pairs = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]
-        return [(t, e) for t, e in pairs if e in self.components]
-
     @classmethod
     def read(cls, root: str | Path) -> "PipelineLayout":
         root = Path(root)
@@ -65,18 +36,11 @@ class PipelineLayout:
             raise ModelLayoutError(f"{root}: no model_index.json; expected a diffusers pipeline directory")
         index = json.loads(index_path.read_text())
         pipeline_class = index.get("_class_name", "")
-        if pipeline_class not in _REQUIRED:
-            raise ModelLayoutError(
-                f"{root}: pipeline class {pipeline_class!r} is not supported; expected one of {sorted(_REQUIRED)}"
-            )
         components = {
             k: (v[0], v[1])
             for k, v in index.items()
             if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] and v[1]
         }
-        for needed in _REQUIRED[pipeline_class]:
-            if needed not in components:
-                raise ModelLayoutError(f"{root}: model_index.json lists no {needed!r} component")
         return cls(
             root=root,
             pipeline_class=pipeline_class,
@@ -90,14 +54,6 @@ class PipelineLayout:
         if not path.is_file():
             raise ModelLayoutError(f"{self.root}: {name}/config.json is missing")
         return json.loads(path.read_text())
-
-    @property
-    def inpaint_unet(self) -> bool:
-        """True for an inpainting UNet, whose input is the latents, the mask
-        and the masked image's latents concatenated (SD and SDXL inpainting
-        checkpoints: 4 + 1 + 4 = 9 channels)."""
-        latent = self.component_config("vae").get("latent_channels", 4)
-        return self.component_config("unet").get("in_channels", latent) == 2 * latent + 1
 
     def load(self, name: str, dtype: torch.dtype | None = None, device: str = "cpu") -> Any:
         """Load one component with its own class's from_pretrained."""

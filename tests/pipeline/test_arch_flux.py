@@ -188,3 +188,19 @@ def test_img2img_matches_diffusers(flux):
     # and the edit starts from the input: closer to it than a generation is
     plain = stages.generate(DenoiseJob(job.embeddings, [9], HEIGHT, WIDTH, 4, 3.5))
     assert np.abs(ours.astype(float) - pixels).mean() < np.abs(plain.astype(float) - pixels).mean()
+
+
+def test_generic_stages_pick_flux_from_model_index(flux):
+    """The registry maps FluxPipeline to FluxArchitecture, and the generic stage classes run it."""
+    from serve_app.pipeline.architectures import architecture_for
+    from serve_app.pipeline.decoders import LatentDecoder
+    from serve_app.pipeline.denoise import LatentDenoiser
+    from serve_app.pipeline.encoders import PromptEncoder
+
+    _, model_dir, stages = flux
+    layout = PipelineLayout.read(model_dir)
+    assert architecture_for(layout) is FluxArchitecture
+    job = DenoiseJob(PromptEncoder(layout).encode(PROMPT), [3], HEIGHT, WIDTH, 2, 3.5)
+    latents = LatentDenoiser(layout).denoise(job)
+    assert np.array_equal(latents, stages.latents([job])[-1][1])
+    assert LatentDecoder(layout).decode(latents).shape == (1, HEIGHT, WIDTH, 3)

@@ -18,13 +18,12 @@ from serve_app.config import PipelineConfig, StageOptions
 from serve_app.deployments.denoiser import Denoiser
 from serve_app.deployments.replica import ModelUnavailable
 from serve_app.deployments.text_encoder import TextEncoder
-from serve_app.pipeline.decoders import LatentDecoder
-from serve_app.pipeline.denoise import LatentDenoiser
-from serve_app.pipeline.encoders import PromptEncoder
+from serve_app.pipeline.architectures.sd import StableDiffusion
 from serve_app.pipeline.sources import ModelSourceError, fetch_source
 from serve_app.pipeline.types import DenoiseJob
 
-STAGE_FILES = [PromptEncoder.SOURCE_FILES, LatentDenoiser.SOURCE_FILES, LatentDecoder.SOURCE_FILES]
+TEXT_FILES, DENOISER_FILES, VAE_FILES = (StableDiffusion.files(s) for s in ("text_encoder", "denoiser", "vae_decoder"))
+STAGE_FILES = [TEXT_FILES, DENOISER_FILES, VAE_FILES]
 
 
 def s3_pipeline(s3_endpoint, s3_models, name="tiny-sd") -> PipelineConfig:
@@ -63,7 +62,7 @@ def test_each_stage_downloads_only_its_files(s3_endpoint, s3_models, tiny_sd_dir
     te, dn, vae = (tree(r) for r in roots)
     assert te == {f for f in everything if f.split("/")[0] in ("model_index.json", "tokenizer", "text_encoder")}
     assert dn == {f for f in everything if f.split("/")[0] in ("model_index.json", "unet", "scheduler")} | {"vae/config.json"}
-    assert vae == {f for f in everything if f.split("/")[0] in ("model_index.json", "vae")}
+    assert vae == {f for f in everything if f.split("/")[0] in ("model_index.json", "vae")} | {"unet/config.json"}
     for rel in te | dn | vae:
         assert (tiny_sd_dir / rel).read_bytes() == next(r / rel for r in roots if (r / rel).exists()).read_bytes()
     # The cache holds the three complete folders and their locks, nothing half-done.
@@ -79,7 +78,7 @@ def test_replicas_on_one_node_download_once(s3_endpoint, s3_models, tmp_path):
     before = s3_endpoint.requests.count(("GET", unet))
     results: list[Path] = []
     threads = [
-        threading.Thread(target=lambda: results.append(fetch_source(pipeline, LatentDenoiser.SOURCE_FILES, tmp_path)))
+        threading.Thread(target=lambda: results.append(fetch_source(pipeline, DENOISER_FILES, tmp_path)))
         for _ in range(3)
     ]
     for t in threads:
@@ -103,13 +102,13 @@ def test_a_failed_download_is_never_used_and_is_cleaned_up(s3_endpoint, s3_model
 
     monkeypatch.setattr(fs, "get_file", failing_get_file)
     with pytest.raises(ModelSourceError, match="cannot download unet/"):
-        fetch_source(pipeline, LatentDenoiser.SOURCE_FILES, tmp_path)
+        fetch_source(pipeline, DENOISER_FILES, tmp_path)
     (key,) = os.listdir(tmp_path)
     assert os.listdir(tmp_path / key) == ["denoiser.lock"]  # no folder, not even a temporary one
     # A crash (not an exception) would leave a temporary folder: the next attempt removes it.
     (tmp_path / key / ".denoiser.tmp-crashed").mkdir()
     monkeypatch.setattr(fs, "get_file", real_get_file)
-    root = fetch_source(pipeline, LatentDenoiser.SOURCE_FILES, tmp_path)
+    root = fetch_source(pipeline, DENOISER_FILES, tmp_path)
     assert (root / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size > 1000
     assert sorted(os.listdir(tmp_path / key)) == ["denoiser", "denoiser.lock"]
 
@@ -128,15 +127,15 @@ def test_unreadable_sources_name_the_source_and_the_missing_part(s3_endpoint, s3
     if source == "s3://models/wrong-key":
         pipeline.storage_options["key"] = "AKIAWRONGKEY00000000"
     with pytest.raises(ModelSourceError, match=message):
-        fetch_source(pipeline, LatentDenoiser.SOURCE_FILES, tmp_path)
+        fetch_source(pipeline, DENOISER_FILES, tmp_path)
     # Nothing, complete or half-made, is left to load.
     assert not list(tmp_path.rglob("denoiser")) and not list(tmp_path.rglob(".denoiser.tmp-*"))
 
 
 def test_local_sources_are_used_in_place_and_checked(tiny_sd_dir, tmp_path):
-    assert fetch_source(PipelineConfig(source=str(tiny_sd_dir)), LatentDecoder.SOURCE_FILES, tmp_path) == tiny_sd_dir
+    assert fetch_source(PipelineConfig(source=str(tiny_sd_dir)), VAE_FILES, tmp_path) == tiny_sd_dir
     with pytest.raises(ModelSourceError, match="missing model_index.json, vae/"):
-        fetch_source(PipelineConfig(source=str(tmp_path / "none")), LatentDecoder.SOURCE_FILES, tmp_path)
+        fetch_source(PipelineConfig(source=str(tmp_path / "none")), VAE_FILES, tmp_path)
 
 
 def test_huggingface_ids_download_only_the_stage_files(tmp_path, monkeypatch, tiny_sd_dir):
@@ -151,10 +150,10 @@ def test_huggingface_ids_download_only_the_stage_files(tmp_path, monkeypatch, ti
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     pipeline = PipelineConfig(source="owner/model", storage_options={"revision": "v1"})
-    assert fetch_source(pipeline, PromptEncoder.SOURCE_FILES, tmp_path) == tiny_sd_dir
+    assert fetch_source(pipeline, TEXT_FILES, tmp_path) == tiny_sd_dir
     ((repo, kwargs),) = calls
     assert repo == "owner/model" and kwargs["revision"] == "v1"
-    assert kwargs["allow_patterns"] == list(PromptEncoder.SOURCE_FILES.patterns)
+    assert kwargs["allow_patterns"] == list(TEXT_FILES.patterns)
     assert kwargs["cache_dir"] == str(tmp_path / "huggingface")
 
 

@@ -74,14 +74,14 @@ def test_encoded_prompt_is_the_prompt_as_written_cut_where_the_window_ends(stage
     """Case, punctuation and spacing as the client wrote them (the tokenizer's
     decode would lowercase and re-space them), cut where the 75-token window
     ends: the text up to there tokenizes to exactly the window."""
-    from serve_app.pipeline.encoders import kept_text
+    from serve_app.pipeline.architectures.base import kept_text
 
     prompt = "A City at Dusk, with Flying Cars; vivid colors -- DRAMATIC lighting! " * 6
     emb = sync(stages[2].encode(prompt))
     kept = emb.encoded_prompt
     assert emb.truncated and prompt.startswith(kept) and len(kept) < len(prompt)
     assert "A City at Dusk, with Flying Cars; vivid colors -- DRAMATIC lighting!" in kept
-    tokenizer = stages[2].encoder.encoders[0][0]
+    tokenizer = stages[2].encoder.arch.encoders[0][0]
     window = tokenizer.model_max_length - 2
     assert len(tokenizer(kept, add_special_tokens=False).input_ids) == window
     assert len(tokenizer(prompt[: len(kept) + 1], add_special_tokens=False).input_ids) > window

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import json
 
+from serve_app.pipeline.architectures import architecture_for
+from serve_app.pipeline.architectures.sd import StableDiffusion
+from serve_app.pipeline.architectures.sdxl import StableDiffusionXL
 from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.tiny import save_tiny_pipeline
 
@@ -12,7 +15,8 @@ def test_layout_is_standard_diffusers(tiny_sd_dir, tiny_sdxl_dir):
         assert index["_class_name"] == cls
         for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             assert (d / sub).is_dir()
-    assert PipelineLayout.read(tiny_sdxl_dir).is_sdxl and not PipelineLayout.read(tiny_sd_dir).is_sdxl
+    assert architecture_for(PipelineLayout.read(tiny_sdxl_dir)) is StableDiffusionXL
+    assert architecture_for(PipelineLayout.read(tiny_sd_dir)) is StableDiffusion
 
 
 def test_vae_downsamples_8x_with_4_latent_channels(tiny_sd_dir):

@@ -15,13 +15,16 @@ the small data classes in :mod:`serve_app.pipeline.types`.
 
 from __future__ import annotations
 
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterator, Literal
 
 import numpy as np
 import torch
 
 from serve_app.pipeline.components import PipelineLayout
+from serve_app.pipeline.sources import SourceFiles
 from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings
+
+Stage = Literal["text_encoder", "denoiser", "vae_decoder"]
 
 
 class Architecture:
@@ -37,11 +40,19 @@ class Architecture:
     # besides the edited one.
     edits: ClassVar[bool] = False
     reference_images: ClassVar[int] = 0
+    # Components model_index.json must list.
+    required_components: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, layout: PipelineLayout, device: str = "cpu", dtype: torch.dtype = torch.float32):
         self.layout = layout
         self.device = device
         self.dtype = dtype
+
+    @classmethod
+    def files(cls, stage: Stage) -> SourceFiles:
+        """What one stage fetches of a remote source (named for its cache folder)."""
+        patterns = {"text_encoder": cls.text_files, "denoiser": cls.denoiser_files, "vae_decoder": cls.vae_files}[stage]
+        return SourceFiles(stage, patterns)
 
     # --- text encoder stage -------------------------------------------------
     def load_text(self) -> None:
@@ -100,3 +111,52 @@ class Architecture:
 
     def probe_vae(self) -> bool:
         raise NotImplementedError
+
+
+# --- helpers every architecture's stages share ---------------------------------
+
+# OpenAI's mask marks where to edit with alpha 0. diffusers' inpaint
+# pipelines binarize their mask at one half; alpha below this is "edit".
+EDIT_ALPHA_BELOW = 128
+
+
+def repaint_mask(alpha: np.ndarray) -> np.ndarray:
+    """OpenAI's mask alpha (HxW uint8, 0 = edit) -> diffusers' binary mask (1 = repaint), float32."""
+    return (alpha < EDIT_ALPHA_BELOW).astype(np.float32)
+
+
+def to_unit_range(pixels: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> (1, 3, H, W) float32 in [-1, 1], as diffusers' image processor makes it (x / 255, then 2x - 1)."""
+    return torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float() / 255.0 * 2.0 - 1.0
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """A VAE's (n, 3, H, W) output in [-1, 1] -> (n, H, W, 3) uint8, as diffusers' postprocess rounds it."""
+    images = (images / 2 + 0.5).clamp(0, 1)
+    return np.ascontiguousarray((images.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8).cpu().numpy())
+
+
+def kept_text(tokenizer, text: str, window: int) -> str:
+    """The part of ``text``, as written, whose tokens fit the encoder's
+    window: cut where the window's last token ends, at a character boundary.
+    (Decoding the kept tokens instead gives the tokenizer's normal form:
+    lowercased, punctuation spaced out.)"""
+    if getattr(tokenizer, "is_fast", False):
+        # Character offsets of each token in the original text.
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return text[: offsets[window - 1][1]] if len(offsets) > window else text
+
+    # A slow tokenizer has no offsets: the longest prefix whose tokens fit,
+    # by bisection. A longer prefix can merge into fewer tokens, so this
+    # finds a prefix that fits, at worst a few characters short of the longest.
+    def fits(end: int) -> bool:
+        return len(tokenizer(text[:end], add_special_tokens=False).input_ids) <= window
+
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo].rstrip()

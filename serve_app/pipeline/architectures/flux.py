@@ -28,20 +28,16 @@ one generator per image. Everything inside a step is diffusers' own code.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterator
+from typing import ClassVar, Iterator
 
 import numpy as np
 import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-from serve_app.pipeline.architectures.base import Architecture
-from serve_app.pipeline.decoders import LatentDecoder
-from serve_app.pipeline.encoders import kept_text
+from serve_app.pipeline.architectures.base import Architecture, kept_text, to_uint8, to_unit_range
 from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings
-from serve_app.pipeline.vae_encode import ImageEncoder
 
 # diffusers refuses a longer T5 window; FLUX was trained with 512 tokens.
 _MAX_T5_TOKENS = 512
@@ -61,6 +57,9 @@ class FluxArchitecture(Architecture):
     denoiser_files: ClassVar[tuple[str, ...]] = ("model_index.json", "transformer/*", "scheduler/*", "vae/config.json")
     vae_files: ClassVar[tuple[str, ...]] = ("model_index.json", "vae/*")
     edits: ClassVar[bool] = True
+    required_components: ClassVar[tuple[str, ...]] = (
+        "transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+    )
 
     # --- text encoder stage -------------------------------------------------
     def load_text(self) -> None:
@@ -121,17 +120,20 @@ class FluxArchitecture(Architecture):
         return bool(np.isfinite(e.prompt_embeds).all() and np.isfinite(e.pooled_prompt_embeds).all())
 
     # --- denoiser stage -------------------------------------------------------
+    def _read_latent_space(self) -> None:
+        """The latent grid and scaling from the VAE's config, read without
+        loading the VAE (the denoiser and VAE stages both have vae/config.json)."""
+        vae = self.layout.component_config("vae")
+        self.vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        self.latent_channels = vae.get("latent_channels", 16)
+        self.scaling_factor = vae["scaling_factor"]
+        self.shift_factor = vae.get("shift_factor") or 0.0
+
     def load_denoiser(self) -> None:
+        self._read_latent_space()
         self.transformer = self.layout.load("transformer", dtype=self.dtype, device=self.device)
         self.scheduler = self.layout.load("scheduler")
-        vae_config = self.layout.component_config("vae")
-        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-        self.latent_channels = vae_config.get("latent_channels", 16)
-        self.scaling_factor = vae_config["scaling_factor"]
-        self.shift_factor = vae_config.get("shift_factor") or 0.0
         self.guidance_embeds = bool(self.transformer.config.guidance_embeds)
-        self.steps_run = 0  # denoising steps done, for tests and metrics
-        self.on_step: Callable[[float], None] | None = None  # called with each step's seconds
 
     def steps_for(self, job: DenoiseJob) -> int:
         return job.steps if job.edit is None else job.steps - edit_start(job.steps, job.strength)
@@ -172,7 +174,6 @@ class FluxArchitecture(Architecture):
         steps = len(run.timesteps)
         for i, t in enumerate(run.timesteps, start=1):
             with torch.inference_mode():
-                started = time.perf_counter()
                 latents = run.latents
                 n = latents.shape[0]
                 timestep = (t.expand(n).to(latents.dtype) / 1000).repeat(run.halves)
@@ -196,9 +197,6 @@ class FluxArchitecture(Architecture):
                     x0 = latents.float() - sigma * v.float()
                     preview = self._unpack(x0, jobs[0])
                 run.latents = run.scheduler.step(v, t, latents, return_dict=False)[0]
-                self.steps_run += 1
-                if self.on_step is not None:
-                    self.on_step(time.perf_counter() - started)
             if preview is not None:
                 yield "preview", preview
             if every_step:
@@ -301,24 +299,36 @@ class FluxArchitecture(Architecture):
 
     # --- VAE stage --------------------------------------------------------------
     def load_vae(self) -> None:
-        # SD's decoder and image encoder already do FLUX's arithmetic: they
-        # divide by scaling_factor and add shift_factor from the VAE's config.
-        self.decoder = LatentDecoder(self.layout, self.device, self.dtype)
-        self.image_encoder = ImageEncoder(self.decoder.vae, inpaint_unet=False, device=self.device)
+        self._read_latent_space()
+        vae = self.layout.load("vae", dtype=self.dtype, device=self.device)
+        # A VAE whose config asks for float32 (force_upcast) overflows in float16.
+        if self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            vae = vae.to(torch.float32)
+        self.vae = vae
+        self.vae_dtype = next(vae.parameters()).dtype
 
+    @torch.inference_mode()
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        return self.decoder.decode(latents)
+        """Unpacked (n, 16, h, w) latents -> pixels, undoing FLUX's scale and shift as FluxPipeline does."""
+        z = torch.from_numpy(latents).to(self.device, self.vae_dtype)
+        return to_uint8(self.vae.decode(z / self.scaling_factor + self.shift_factor).sample)
 
+    @torch.inference_mode()
     def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None = None) -> EditLatents:
+        """The input's latent distribution in the VAE's own (unshifted,
+        unscaled) space; the denoiser samples it from each image's seed."""
         if alpha is not None:
             raise ValueError("FLUX.1 inpainting is not supported by this architecture")
-        unit = 2 * self.image_encoder.scale_factor
-        if pixels.shape[0] % unit or pixels.shape[1] % unit:
-            raise ValueError(f"FLUX needs an image size that divides by {unit}; got {pixels.shape[1]}x{pixels.shape[0]}")
-        return self.image_encoder.encode(pixels)
+        height, width = pixels.shape[:2]
+        self._grid(height, width)  # packing needs sizes that divide by 16
+        dist = self.vae.encode(to_unit_range(pixels).to(self.device, self.vae_dtype)).latent_dist
+        return EditLatents(mean=dist.mean.float().cpu().numpy(), std=dist.std.float().cpu().numpy())
 
+    @torch.inference_mode()
     def probe_vae(self) -> bool:
-        return self.decoder.probe() and self.image_encoder.probe()
+        """Decode the smallest latent; True when the pixels are finite."""
+        z = torch.zeros(1, self.latent_channels, 2, 2, device=self.device, dtype=self.vae_dtype)
+        return bool(torch.isfinite(self.vae.decode(z).sample).all())
 
 
 @dataclass
