@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_KINDS = ("tiny-sd", "tiny-sdxl", "tiny-sd-inpaint")
+TINY_KINDS = ("tiny-sd", "tiny-sdxl", "tiny-sd-inpaint", "tiny-flux-dev", "tiny-flux-schnell")
 
 _TOKENIZER_WINDOW = 77
 _TEXT_HIDDEN = 32
@@ -96,7 +96,7 @@ def _text_encoder_config(vocab_size: int, projection_dim: int = _TEXT_HIDDEN):
     )
 
 
-def _vae():
+def _vae(latent_channels: int = 4, **config):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -106,10 +106,11 @@ def _vae():
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 8, 16, 16),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=4,
         sample_size=64,
         mid_block_add_attention=False,
+        **config,
     )
 
 
@@ -163,6 +164,8 @@ def build_tiny_pipeline(kind: str = "tiny-sd", seed: int = 0):
 
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {TINY_KINDS}")
+    if kind.startswith("tiny-flux"):
+        return _tiny_flux(dev=kind == "tiny-flux-dev", seed=seed)
     sdxl = kind == "tiny-sdxl"
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,6 +194,102 @@ def build_tiny_pipeline(kind: str = "tiny-sd", seed: int = 0):
         tokenizer_2=tokenizer,
         unet=_unet(sdxl=True),
         scheduler=_scheduler(sdxl=True),
+    )
+
+
+# --- FLUX.1 -------------------------------------------------------------------
+
+# T5's window in the tiny model: short, because FLUX pads every prompt to the
+# full window and the transformer attends over all of it (512 in the real one).
+_T5_WINDOW = 64
+
+
+def t5_unigram_tokenizer(model_max_length: int = _T5_WINDOW):
+    """A T5 (SentencePiece Unigram) tokenizer built from an in-memory
+    vocabulary, as transformers 5.x allows: every ASCII letter, digit and
+    common punctuation mark, alone and word-initial ("▁"), plus a few whole
+    words that score higher, so a word costs one token or one per character."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    # T5's fixed ids: pad 0, end-of-sequence 1, unknown 2.
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -4.0)]
+    for ch in string.ascii_letters + string.digits + ".,;:!?'\"-()":
+        vocab += [(ch, -5.0), ("▁" + ch, -5.5)]
+    for word in ("the", "a", "of", "and", "in", "on", "cat", "dog", "red", "blue", "photo", "sea", "otter"):
+        vocab.append(("▁" + word, -3.0))
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def _flux_vae():
+    """FLUX's VAE shape at toy width: 8x downsampling (four blocks) as
+    SD's, but 16 latent channels, no quant convs, and FLUX's latent scaling
+    and shift."""
+    return _vae(
+        latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
+    )
+
+
+def _tiny_flux(dev: bool, seed: int):
+    """FLUX.1 [dev] (guidance-distilled: a guidance embedding, shift 3 scaled
+    by the image's token count) or [schnell] (no guidance input, a fixed
+    schedule: shift 1, no dynamic shifting), with the real schedulers' configs."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_byte_level_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    tokenizer_2 = t5_unigram_tokenizer()
+    t5_dim = 32
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=t5_dim,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's T5-XXL
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16 * 4,  # 16 latent channels packed in 2x2 patches
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_dim,
+        pooled_projection_dim=_TEXT_HIDDEN,  # CLIP's pooled output
+        guidance_embeds=dev,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0 if dev else 1.0,
+        use_dynamic_shifting=dev,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=_flux_vae(),
+        text_encoder=CLIPTextModel(_text_encoder_config(len(tokenizer))),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
     )
 
 

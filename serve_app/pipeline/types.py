@@ -16,9 +16,11 @@ class PromptEmbeddings:
     """What the text encoder hands the denoiser for one prompt."""
 
     prompt_embeds: np.ndarray  # (1, tokens, dim) float32
-    negative_prompt_embeds: np.ndarray  # (1, tokens, dim) float32, for classifier-free guidance
-    pooled_prompt_embeds: np.ndarray | None = None  # (1, dim), SDXL only
-    negative_pooled_prompt_embeds: np.ndarray | None = None  # (1, dim), SDXL only
+    # (1, tokens, dim) float32, for classifier-free guidance; None where the
+    # architecture runs without one (FLUX without a negative prompt).
+    negative_prompt_embeds: np.ndarray | None
+    pooled_prompt_embeds: np.ndarray | None = None  # (1, dim), SDXL and FLUX
+    negative_pooled_prompt_embeds: np.ndarray | None = None  # (1, dim), SDXL and FLUX
     token_count: int = 0  # prompt tokens in the model's tokenizer, before truncation
     truncated: bool = False  # True when the prompt was cut at the encoder's window
     encoded_prompt: str = ""  # the text actually encoded (after truncation)
@@ -66,11 +68,17 @@ class DenoiseJob:
     guidance: float
     edit: EditLatents | None = None
     strength: float = 1.0
+    # True classifier-free guidance for guidance-distilled models (FLUX.1),
+    # whose ``guidance`` is an input of the network instead: above 1 and with
+    # negative embeddings, each step also runs the negative prompt and mixes
+    # the two as diffusers' ``true_cfg_scale``. Ignored by SD and SDXL.
+    true_cfg_scale: float = 1.0
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys can run as one batch: same grid, schedule and kind of work."""
         kind = None if self.edit is None else (self.strength, self.edit.inpaint)
-        return (self.height, self.width, self.steps, self.guidance, kind)
+        true_cfg = self.true_cfg_scale if self.embeddings.negative_prompt_embeds is not None else 1.0
+        return (self.height, self.width, self.steps, self.guidance, kind, true_cfg)
 
 
 def edit_steps(steps: int, strength: float) -> int:

@@ -1,0 +1,347 @@
+"""FLUX.1 [dev] and [schnell] (diffusers' ``FluxPipeline``) on our three stages.
+
+- Text: CLIP-L's pooled output (one vector) and T5's hidden states (the
+  sequence the transformer attends to), both from diffusers'
+  ``FluxPipeline.encode_prompt`` on a pipeline object that holds only the
+  text components. Every prompt is padded to the same T5 window, so any two
+  jobs of one size batch together.
+- Denoiser: ``FluxTransformer2DModel`` on latents packed in 2x2 patches
+  (diffusers' ``_pack_latents``), with per-token image ids and all-zero text
+  ids; the flow-matching Euler scheduler, its sigmas shifted by ``mu`` from
+  the image's token count (``calculate_shift``; schnell's scheduler has
+  dynamic shifting off, so ``mu`` changes nothing there).
+- VAE: FLUX's 16-channel VAE, whose latents are shifted as well as scaled.
+
+Guidance. FLUX.1 [dev] is guidance-distilled: the guidance value is an
+input of the transformer (``guidance_embeds`` in its config), not a second
+pass. ``DenoiseJob.guidance`` is that value for dev (diffusers'
+``guidance_scale``, 3.5 typical). [schnell] has no guidance input and
+ignores it. True classifier-free guidance (diffusers' ``true_cfg_scale``)
+is separate: it runs when ``DenoiseJob.true_cfg_scale`` > 1 and the text
+stage encoded a negative prompt, at twice the cost per step.
+
+The denoising loop is ours rather than ``FluxPipeline.__call__`` because
+the stage needs per-step control: previews of the clean-image estimate,
+cancellation between steps, and several requests' images in one batch with
+one generator per image. Everything inside a step is diffusers' own code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+from serve_app.pipeline.architectures.base import Architecture, kept_text, to_uint8, to_unit_range
+from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings
+
+# diffusers refuses a longer T5 window; FLUX was trained with 512 tokens.
+_MAX_T5_TOKENS = 512
+
+
+def edit_start(steps: int, strength: float) -> int:
+    """Index of the first step an edit runs. FLUX's img2img (like SD3's)
+    rounds ``steps * strength`` down only after subtracting it from
+    ``steps``, where SD's rounds it first: 4 steps at 0.6 run 3 here, 2 in SD."""
+    return int(max(steps - min(steps * strength, steps), 0))
+
+
+class FluxArchitecture(Architecture):
+    pipeline_classes: ClassVar[tuple[str, ...]] = ("FluxPipeline", "FluxImg2ImgPipeline")
+    text_files: ClassVar[tuple[str, ...]] = ("model_index.json", "tokenizer/*", "tokenizer_2/*", "text_encoder/*", "text_encoder_2/*")
+    # The VAE's config gives the latent grid and the latent scaling (below).
+    denoiser_files: ClassVar[tuple[str, ...]] = ("model_index.json", "transformer/*", "scheduler/*", "vae/config.json")
+    vae_files: ClassVar[tuple[str, ...]] = ("model_index.json", "vae/*")
+    edits: ClassVar[bool] = True
+    required_components: ClassVar[tuple[str, ...]] = (
+        "transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+    )
+
+    # --- text encoder stage -------------------------------------------------
+    def load_text(self) -> None:
+        load = self.layout.load
+        # A FluxPipeline with only its text components: encode_prompt needs
+        # nothing else, and the other stages' weights never load here.
+        self.text_pipe = FluxPipeline(
+            scheduler=None,
+            vae=None,
+            text_encoder=load("text_encoder", dtype=self.dtype, device=self.device),
+            tokenizer=load("tokenizer"),
+            text_encoder_2=load("text_encoder_2", dtype=self.dtype, device=self.device),
+            tokenizer_2=load("tokenizer_2"),
+            transformer=None,
+        )
+        self.t5_window = min(_MAX_T5_TOKENS, self.text_pipe.tokenizer_2.model_max_length)
+
+    def _embed(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, pooled, _text_ids = self.text_pipe.encode_prompt(
+            prompt=text, device=torch.device(self.device), num_images_per_prompt=1, max_sequence_length=self.t5_window
+        )
+        return embeds, pooled
+
+    @torch.inference_mode()
+    def encode(self, prompt: str, negative_prompt: str = "", count_prompt: str | None = None) -> PromptEmbeddings:
+        """T5 is the tokenizer that counts: its window (512 tokens in the
+        real model) is what the transformer reads; CLIP's 77 only cut the
+        pooled vector's text, as in diffusers."""
+        # 1. Count T5 tokens and find what its window keeps (it ends with </s>).
+        tokenizer = self.text_pipe.tokenizer_2
+        window = self.t5_window - 1
+        ids = tokenizer(prompt, truncation=False, add_special_tokens=False).input_ids
+        truncated = len(ids) > window
+        counted = ids if count_prompt is None else tokenizer(count_prompt, truncation=False, add_special_tokens=False).input_ids
+
+        # 2. The prompt; 3. the negative prompt only when there is one: FLUX
+        # runs it only for true classifier-free guidance.
+        embeds, pooled = self._embed(prompt)
+        neg_embeds = neg_pooled = None
+        if negative_prompt:
+            neg_embeds, neg_pooled = self._embed(negative_prompt)
+
+        def to_np(t: torch.Tensor | None) -> np.ndarray | None:
+            return None if t is None else t.float().cpu().numpy()
+
+        return PromptEmbeddings(
+            prompt_embeds=to_np(embeds),
+            negative_prompt_embeds=to_np(neg_embeds),
+            pooled_prompt_embeds=to_np(pooled),
+            negative_pooled_prompt_embeds=to_np(neg_pooled),
+            token_count=len(counted),
+            truncated=truncated,
+            encoded_prompt=kept_text(tokenizer, prompt, window) if truncated else prompt,
+        )
+
+    def probe_text(self) -> bool:
+        e = self.encode("")
+        return bool(np.isfinite(e.prompt_embeds).all() and np.isfinite(e.pooled_prompt_embeds).all())
+
+    # --- denoiser stage -------------------------------------------------------
+    def _read_latent_space(self) -> None:
+        """The latent grid and scaling from the VAE's config, read without
+        loading the VAE (the denoiser and VAE stages both have vae/config.json)."""
+        vae = self.layout.component_config("vae")
+        self.vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        self.latent_channels = vae.get("latent_channels", 16)
+        self.scaling_factor = vae["scaling_factor"]
+        self.shift_factor = vae.get("shift_factor") or 0.0
+
+    def load_denoiser(self) -> None:
+        self._read_latent_space()
+        self.transformer = self.layout.load("transformer", dtype=self.dtype, device=self.device)
+        self.scheduler = self.layout.load("scheduler")
+        self.guidance_embeds = bool(self.transformer.config.guidance_embeds)
+
+    def steps_for(self, job: DenoiseJob) -> int:
+        return job.steps if job.edit is None else job.steps - edit_start(job.steps, job.strength)
+
+    def _grid(self, height: int, width: int) -> tuple[int, int]:
+        """The unpacked latent grid. Packing takes 2x2 latent patches, so
+        the image must divide by twice the VAE's factor (16 for FLUX)."""
+        unit = 2 * self.vae_scale_factor
+        if height % unit or width % unit:
+            raise ValueError(f"FLUX needs an image size that divides by {unit}; got {width}x{height}")
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def _pack(self, latents: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = latents.shape
+        return FluxPipeline._pack_latents(latents, n, c, h, w)
+
+    @torch.inference_mode()
+    def probe_denoiser(self) -> bool:
+        """One transformer forward on a 2x2-token image with empty text; True when finite."""
+        config = self.transformer.config
+        z = self.transformer(
+            hidden_states=torch.zeros(1, 4, config.in_channels, device=self.device, dtype=self.dtype),
+            timestep=torch.full([1], 0.5, device=self.device, dtype=self.dtype),
+            guidance=torch.ones(1, device=self.device) if self.guidance_embeds else None,
+            pooled_projections=torch.zeros(1, config.pooled_projection_dim, device=self.device, dtype=self.dtype),
+            encoder_hidden_states=torch.zeros(1, 4, config.joint_attention_dim, device=self.device, dtype=self.dtype),
+            txt_ids=torch.zeros(4, 3, device=self.device, dtype=self.dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(1, 2, 2, self.device, self.dtype),
+            return_dict=False,
+        )[0]
+        return bool(torch.isfinite(z).all())
+
+    def denoise(self, jobs: list[DenoiseJob], preview_steps: set[int], every_step: bool) -> Iterator[tuple[str, np.ndarray | None]]:
+        # inference_mode is per thread and a generator may be resumed on
+        # another thread, so it is entered per step, never across a yield.
+        with torch.inference_mode():
+            run = self._prepare(jobs)
+        steps = len(run.timesteps)
+        for i, t in enumerate(run.timesteps, start=1):
+            with torch.inference_mode():
+                latents = run.latents
+                n = latents.shape[0]
+                timestep = (t.expand(n).to(latents.dtype) / 1000).repeat(run.halves)
+                v = self.transformer(
+                    hidden_states=latents.repeat(run.halves, 1, 1),
+                    timestep=timestep,
+                    guidance=run.guidance,
+                    pooled_projections=run.pooled,
+                    encoder_hidden_states=run.embeds,
+                    txt_ids=run.text_ids,
+                    img_ids=run.image_ids,
+                    return_dict=False,
+                )[0]
+                if run.halves == 2:
+                    cond, uncond = v.chunk(2)
+                    v = uncond + run.true_cfg_scale * (cond - uncond)
+                preview = None
+                if i in preview_steps and i < steps:
+                    # The clean-image estimate of flow matching: x0 = x_t - sigma_t * v.
+                    sigma = run.scheduler.sigmas[run.scheduler.begin_index + i - 1]
+                    x0 = latents.float() - sigma * v.float()
+                    preview = self._unpack(x0, jobs[0])
+                run.latents = run.scheduler.step(v, t, latents, return_dict=False)[0]
+            if preview is not None:
+                yield "preview", preview
+            if every_step:
+                yield "step", None
+        with torch.inference_mode():
+            final = self._unpack(run.latents, jobs[0])
+        yield "final", final
+
+    def _unpack(self, latents: torch.Tensor, job: DenoiseJob) -> np.ndarray:
+        """Packed tokens -> (n, 16, h, w) float32, the VAE stage's input."""
+        z = FluxPipeline._unpack_latents(latents, job.height, job.width, self.vae_scale_factor)
+        return z.float().cpu().numpy()
+
+    def _prepare(self, jobs: list[DenoiseJob]) -> "_Run":
+        first = jobs[0]
+        h, w = self._grid(first.height, first.width)
+        shape = (1, self.latent_channels, h, w)
+        seeds = [s for j in jobs for s in j.seeds]
+        n = len(seeds)
+
+        def per_image(field: str) -> torch.Tensor:
+            # Each job's (1, ...) embedding repeated once per image, jobs in order.
+            parts = [torch.from_numpy(getattr(j.embeddings, field)).repeat_interleave(len(j.seeds), dim=0) for j in jobs]
+            return torch.cat(parts).to(self.device, self.dtype)
+
+        # 1. Conditioning; with true CFG the negative half follows as one batch.
+        true_cfg = first.true_cfg_scale > 1 and first.embeddings.negative_prompt_embeds is not None
+        embeds, pooled = per_image("prompt_embeds"), per_image("pooled_prompt_embeds")
+        if true_cfg:
+            embeds = torch.cat([embeds, per_image("negative_prompt_embeds")])
+            pooled = torch.cat([pooled, per_image("negative_pooled_prompt_embeds")])
+        halves = 2 if true_cfg else 1
+        guidance = None
+        if self.guidance_embeds:
+            # float32 whatever the model's dtype, as diffusers passes it.
+            guidance = torch.full([n * halves], first.guidance, device=self.device, dtype=torch.float32)
+
+        # 2. A scheduler of its own per call (schedulers keep per-run state),
+        # its sigmas shifted by mu from the image's token count, as FluxPipeline does.
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        config = scheduler.config
+        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / first.steps, first.steps)
+        mu = calculate_shift(
+            (h // 2) * (w // 2),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(scheduler, first.steps, self.device, sigmas=sigmas, mu=mu)
+
+        # 3. Initial latents, drawn unpacked on the CPU from each image's own
+        # generator (diffusers' order with a list of generators), then packed.
+        if first.edit is None:
+            scheduler.set_begin_index(0)
+            noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds]
+            latents = torch.cat(noise)
+        else:
+            start = edit_start(first.steps, first.strength)
+            scheduler.set_begin_index(start * scheduler.order)
+            timesteps = timesteps[start * scheduler.order :]
+            image, noise = self._edit_draws(jobs, shape)
+            # FluxImg2ImgPipeline noises the input to where the shortened
+            # schedule starts; with no steps left the input is the result.
+            latents = image if len(timesteps) == 0 else scheduler.scale_noise(image, timesteps[:1].repeat(n), noise)
+        latents = self._pack(latents.to(self.device, self.dtype))
+
+        return _Run(
+            scheduler=scheduler,
+            timesteps=timesteps,
+            latents=latents,
+            embeds=embeds,
+            pooled=pooled,
+            guidance=guidance,
+            text_ids=torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype),
+            image_ids=FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, self.device, self.dtype),
+            halves=halves,
+            true_cfg_scale=first.true_cfg_scale,
+        )
+
+    def _edit_draws(self, jobs: list[DenoiseJob], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's sample of the input's latent distribution, then its
+        noise, from its own seeded generator: the draws FluxImg2ImgPipeline
+        makes for one image, so an image depends only on its seed and input.
+        (With several generators diffusers samples the input once, from the
+        first; here every image samples its own.)"""
+        images, noises = [], []
+        for job in jobs:
+            e = job.edit
+            assert e is not None
+            if e.inpaint:
+                raise ValueError("FLUX.1 inpainting is not supported by this architecture")
+            mean, std = torch.from_numpy(e.mean), torch.from_numpy(e.std)
+            for seed in job.seeds:
+                g = torch.Generator("cpu").manual_seed(seed)
+                sample = mean + std * torch.randn(shape, generator=g, dtype=torch.float32)
+                images.append((sample - self.shift_factor) * self.scaling_factor)
+                noises.append(torch.randn(shape, generator=g, dtype=torch.float32))
+        return torch.cat(images), torch.cat(noises)
+
+    # --- VAE stage --------------------------------------------------------------
+    def load_vae(self) -> None:
+        self._read_latent_space()
+        vae = self.layout.load("vae", dtype=self.dtype, device=self.device)
+        # A VAE whose config asks for float32 (force_upcast) overflows in float16.
+        if self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            vae = vae.to(torch.float32)
+        self.vae = vae
+        self.vae_dtype = next(vae.parameters()).dtype
+
+    @torch.inference_mode()
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Unpacked (n, 16, h, w) latents -> pixels, undoing FLUX's scale and shift as FluxPipeline does."""
+        z = torch.from_numpy(latents).to(self.device, self.vae_dtype)
+        return to_uint8(self.vae.decode(z / self.scaling_factor + self.shift_factor).sample)
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None = None) -> EditLatents:
+        """The input's latent distribution in the VAE's own (unshifted,
+        unscaled) space; the denoiser samples it from each image's seed."""
+        if alpha is not None:
+            raise ValueError("FLUX.1 inpainting is not supported by this architecture")
+        height, width = pixels.shape[:2]
+        self._grid(height, width)  # packing needs sizes that divide by 16
+        dist = self.vae.encode(to_unit_range(pixels).to(self.device, self.vae_dtype)).latent_dist
+        return EditLatents(mean=dist.mean.float().cpu().numpy(), std=dist.std.float().cpu().numpy())
+
+    @torch.inference_mode()
+    def probe_vae(self) -> bool:
+        """Decode the smallest latent; True when the pixels are finite."""
+        z = torch.zeros(1, self.latent_channels, 2, 2, device=self.device, dtype=self.vae_dtype)
+        return bool(torch.isfinite(self.vae.decode(z).sample).all())
+
+
+@dataclass
+class _Run:
+    """One batch's denoising state."""
+
+    scheduler: object
+    timesteps: torch.Tensor
+    latents: torch.Tensor  # packed: (images, tokens, 64)
+    embeds: torch.Tensor  # T5 sequence, prompts then (true CFG) negative prompts
+    pooled: torch.Tensor  # CLIP pooled, same order
+    guidance: torch.Tensor | None  # dev's distilled guidance, one per row
+    text_ids: torch.Tensor
+    image_ids: torch.Tensor
+    halves: int  # 2 with true CFG: each row runs with the prompt and the negative prompt
+    true_cfg_scale: float
