@@ -58,7 +58,7 @@ class PipelineConfig(_Strict):
         "variables and files. For a Hugging Face id: keyword arguments of huggingface_hub.snapshot_download "
         "(revision, token, ...).",
     )
-    builtin: Literal["tiny-sd", "tiny-sdxl", "tiny-sd-inpaint"] | None = Field(
+    builtin: str | None = Field(
         default=None,
         description="If set and `source` holds no model yet, build this tiny random-weight "
         "model there on startup (the embedded offline default). Leave unset for real models.",
@@ -80,6 +80,15 @@ class PipelineConfig(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         default="float32", description="Weights' dtype on GPU. CPU always runs float32."
     )
+
+    @field_validator("builtin")
+    @classmethod
+    def _known_tiny_kind(cls, kind: str | None) -> str | None:
+        from serve_app.pipeline.tiny import TINY_KINDS  # no torch: tiny.py imports it inside its builders
+
+        if kind is not None and kind not in TINY_KINDS:
+            raise ValueError(f"unknown builtin model {kind!r}; expected one of {list(TINY_KINDS)}")
+        return kind
 
     @field_validator("sizes")
     @classmethod

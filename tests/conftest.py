@@ -23,6 +23,24 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", "tiny-sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """tiny_model_dir(kind): a tiny model of any architecture, built once per session."""
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = save_tiny_pipeline(tmp_path_factory.mktemp("models") / kind, kind)
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_inpaint_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir("tiny-sd-inpaint")
+
+
 def write_registry(path: Path, model_dir: Path) -> Path:
     """A registry shaped like the shipped one, pointing at a test model."""
     shipped = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "models.yaml").read_text())

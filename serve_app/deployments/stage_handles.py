@@ -83,7 +83,12 @@ class HandleStages:
             return await call_stage("VAE encoder", lambda: self._vae.encode.remote(pixels, alpha), self._left(self._vae))
         except EditsUnsupported:
             # Ray re-raises a replica's exception as a subclass of its own type.
-            raise invalid_request("This model's architecture does not edit images; use another model.", "model", "unsupported_model") from None
+            raise invalid_request(
+                "This model cannot make this edit: its architecture does not edit images, or not with a mask "
+                "(masked edits need an inpainting-capable model). See README, Architectures.",
+                "model",
+                "unsupported_model",
+            ) from None
 
     async def denoise(self, job: DenoiseJob) -> np.ndarray:
         return await call_stage("denoiser", lambda: self._dn.denoise.remote(job), self._left(self._dn))

@@ -11,7 +11,6 @@ from PIL import Image
 
 from serve_app.pipeline.architectures.flux import FluxArchitecture
 from serve_app.pipeline.components import PipelineLayout
-from serve_app.pipeline.tiny import save_tiny_pipeline
 from serve_app.pipeline.types import DenoiseJob
 
 PROMPT = "a photo of a red cat on the sea"
@@ -39,8 +38,8 @@ class Stages:
 
 
 @pytest.fixture(scope="module", params=["tiny-flux-dev", "tiny-flux-schnell"])
-def flux(request, tmp_path_factory):
-    model_dir = save_tiny_pipeline(tmp_path_factory.mktemp("models") / request.param, request.param)
+def flux(request, tiny_model_dir):
+    model_dir = tiny_model_dir(request.param)
     return request.param, model_dir, Stages(model_dir)
 
 

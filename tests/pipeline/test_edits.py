@@ -15,7 +15,6 @@ from serve_app.config import PipelineConfig, StageOptions
 from serve_app.deployments.denoiser import Denoiser
 from serve_app.deployments.text_encoder import TextEncoder
 from serve_app.deployments.vae_decoder import VaeDecoder
-from serve_app.pipeline.tiny import save_tiny_pipeline
 from serve_app.pipeline.types import DenoiseJob
 
 SIZE = 128
@@ -39,11 +38,6 @@ def input_mask() -> np.ndarray:
     alpha = np.full((SIZE, SIZE), 255, np.uint8)
     alpha[40:88, 24:104] = 0
     return alpha
-
-
-@pytest.fixture(scope="module")
-def tiny_sd_inpaint_dir(tmp_path_factory):
-    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-inpaint", "tiny-sd-inpaint")
 
 
 def load_stages(model_dir, cache):

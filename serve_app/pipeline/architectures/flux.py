@@ -37,7 +37,7 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
 from serve_app.pipeline.architectures.base import Architecture, kept_text, to_uint8, to_unit_range
-from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings
+from serve_app.pipeline.types import DenoiseJob, EditLatents, EditsUnsupported, PromptEmbeddings
 
 # diffusers refuses a longer T5 window; FLUX was trained with 512 tokens.
 _MAX_T5_TOKENS = 512
@@ -318,7 +318,8 @@ class FluxArchitecture(Architecture):
         """The input's latent distribution in the VAE's own (unshifted,
         unscaled) space; the denoiser samples it from each image's seed."""
         if alpha is not None:
-            raise ValueError("FLUX.1 inpainting is not supported by this architecture")
+            # Masked edits need FLUX.1 Fill (not served yet): refused, not run as a whole-image edit.
+            raise EditsUnsupported("FLUX.1 edits here are image-to-image only; a mask needs FLUX.1 Fill")
         height, width = pixels.shape[:2]
         self._grid(height, width)  # packing needs sizes that divide by 16
         dist = self.vae.encode(to_unit_range(pixels).to(self.device, self.vae_dtype)).latent_dist

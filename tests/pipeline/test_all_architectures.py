@@ -1,0 +1,96 @@
+"""Every architecture through the real ingress and the real stage classes
+(in-process, without Ray): the all-tiny registry's ids generate at two
+sizes, stream previews, and edit where the architecture edits.
+
+The same registry runs on Ray with `serve run configs/serve_config.all-tiny.yaml`;
+the suite keeps the real graph to the embedded model (tests/integration),
+since one replica set per architecture would not fit its time on 2 cores.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import TEST_API_KEY, TEST_SIGNING_KEY, LocalHandle
+from tests.unit.test_edits_http import band_mask, png
+
+GEN = "/v1/images/generations"
+EDITS = "/v1/images/edits"
+ALL_TINY = Path(__file__).resolve().parents[2] / "configs" / "models.all-tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, tiny_model_dir):
+    from fastapi.testclient import TestClient
+
+    from serve_app.config import load_app_config
+    from serve_app.deployments.denoiser import Denoiser
+    from serve_app.deployments.ingress import ImagesIngress
+    from serve_app.deployments.post_processor import PostProcessor
+    from serve_app.deployments.text_encoder import TextEncoder
+    from serve_app.deployments.vae_decoder import VaeDecoder
+
+    registry = yaml.safe_load(ALL_TINY.read_text())
+    for pipeline in registry["pipelines"].values():
+        pipeline["source"] = str(tiny_model_dir(pipeline.pop("builtin")))
+    root = tmp_path_factory.mktemp("all-tiny")
+    (root / "models.yaml").write_text(yaml.safe_dump(registry))
+    config, reg = load_app_config({"models": str(root / "models.yaml"), "data_dir": str(root / "data")})
+    cache = str(config.model_cache_path)
+    pipelines = {
+        name: {
+            "text_encoder": LocalHandle(TextEncoder(p, config.stages.text_encoder, cache)),
+            "denoiser": LocalHandle(Denoiser(p, config.stages.denoiser, cache)),
+            "vae_decoder": LocalHandle(VaeDecoder(p, config.stages.vae_decoder, cache)),
+        }
+        for name, p in reg.pipelines.items()
+    }
+    ingress = ImagesIngress(config, reg, TEST_SIGNING_KEY, pipelines, LocalHandle(PostProcessor(config)))
+    with TestClient(ingress.__serve_build_asgi_app__(), raise_server_exceptions=False) as c:
+        c.headers["Authorization"] = f"Bearer {TEST_API_KEY}"
+        yield c
+
+
+GENERATORS = ["tiny-sd", "tiny-sdxl", "tiny-flux-dev", "tiny-flux-schnell"]
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+@pytest.mark.parametrize("model", GENERATORS)
+def test_every_architecture_generates_at_two_sizes_and_streams(client, model):
+    for size in ("256x256", "128x256"):
+        resp = client.post(GEN, json={"model": model, "prompt": "a red circle", "size": size, "quality": "low"})
+        assert resp.status_code == 200, resp.text
+        w, h = map(int, size.split("x"))
+        assert decode(resp.json()["data"][0]["b64_json"]).shape == (h, w, 3)
+    resp = client.post(GEN, json={"model": model, "prompt": "a red circle", "size": "128x128", "quality": "high", "stream": True, "partial_images": 1})
+    events = [line.split(": ", 1)[1] for line in resp.text.splitlines() if line.startswith("event: ")]
+    assert events[0] == "image_generation.partial_image" and events[-1] == "image_generation.completed", events
+
+
+@pytest.mark.parametrize("model, masked", [("tiny-sd", True), ("tiny-sdxl", True), ("tiny-sd-inpaint", True), ("tiny-flux-dev", False)])
+def test_each_edit_model_edits(client, model, masked):
+    files = {"image": ("a.png", png(), "image/png")}
+    if masked:
+        files["mask"] = ("m.png", band_mask()[0], "image/png")
+    resp = client.post(EDITS, files=files, data={"prompt": "a hat", "model": model, "size": "256x256", "quality": "high"})
+    assert resp.status_code == 200, resp.text
+    out = decode(resp.json()["data"][0]["b64_json"])
+    if masked:
+        keep = band_mask()[1] == 255
+        assert np.array_equal(out[keep], np.asarray(Image.open(io.BytesIO(png())).convert("RGB"))[keep])
+
+
+def test_a_masked_edit_the_architecture_cannot_make_is_a_400(client):
+    files = {"image": ("a.png", png(), "image/png"), "mask": ("m.png", band_mask()[0], "image/png")}
+    resp = client.post(EDITS, files=files, data={"prompt": "a hat", "model": "tiny-flux-dev", "size": "256x256"})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "model", resp.text
