@@ -25,6 +25,14 @@ import torch
 # the stages read from the UNet's own config.
 _SDXL_CLASSES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"}
 _SD_CLASSES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
+# Stable Diffusion 3 / 3.5 (serve_app.pipeline.architectures.sd3): an MMDiT
+# "transformer" in place of the UNet.
+_SD3_CLASSES = {"StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"}
+# The components each family cannot load without.
+_REQUIRED = {
+    **{c: ("unet", "vae", "scheduler", "text_encoder", "tokenizer") for c in _SD_CLASSES | _SDXL_CLASSES},
+    **{c: ("transformer", "vae", "scheduler", "text_encoder", "tokenizer") for c in _SD3_CLASSES},
+}
 
 
 class ModelLayoutError(RuntimeError):
@@ -56,17 +64,16 @@ class PipelineLayout:
             raise ModelLayoutError(f"{root}: no model_index.json; expected a diffusers pipeline directory")
         index = json.loads(index_path.read_text())
         pipeline_class = index.get("_class_name", "")
-        if pipeline_class not in _SDXL_CLASSES | _SD_CLASSES:
+        if pipeline_class not in _REQUIRED:
             raise ModelLayoutError(
-                f"{root}: pipeline class {pipeline_class!r} is not supported; "
-                f"expected one of {sorted(_SDXL_CLASSES | _SD_CLASSES)}"
+                f"{root}: pipeline class {pipeline_class!r} is not supported; expected one of {sorted(_REQUIRED)}"
             )
         components = {
             k: (v[0], v[1])
             for k, v in index.items()
             if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] and v[1]
         }
-        for needed in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
+        for needed in _REQUIRED[pipeline_class]:
             if needed not in components:
                 raise ModelLayoutError(f"{root}: model_index.json lists no {needed!r} component")
         return cls(
