@@ -247,10 +247,45 @@ def test_inpaint_same_latents_as_diffusers(stages, reference, edit_input, streng
         decoded = reference.vae.decode(torch.from_numpy(expected) / config.scaling_factor + config.shift_factor).sample
     decoded = reference.image_processor.postprocess(decoded, output_type="pil")
     diff = max_diff(vae.decode(ours), np.stack([np.array(im) for im in decoded]))
-    print(f"inpaint strength {strength}: max latent difference {np.abs(ours - expected).max():.2e} (repainted half {np.abs(ours - expected)[..., : WIDTH // 16].max():.2e}), pixels {diff}")
+    off = np.abs(ours - expected)
+    print(f"inpaint {strength}: max latent difference {off.max():.2e} (repainted {off[..., : WIDTH // 16].max():.2e}), pixels {diff}")
     assert diff <= 1
     # The kept (right) half of the preview is the input's own latents.
     preview = events[0][1]
     assert events[0][0] == "preview"
     np.testing.assert_allclose(preview[..., WIDTH // 16 :], ours[..., WIDTH // 16 :], atol=1e-5)
     assert np.abs(preview[..., : WIDTH // 16] - ours[..., : WIDTH // 16]).max() > 1e-3
+
+
+def test_dynamic_shift_same_pixels_as_diffusers(model_dir, tmp_path):
+    """A scheduler configured for resolution-dependent shifting (mu from the
+    image's token count, as FLUX and some SD3 fine-tunes use)."""
+    import json
+    import shutil
+
+    from diffusers import StableDiffusion3Pipeline
+
+    shifted = tmp_path / "shifted"
+    shutil.copytree(model_dir, shifted)
+    config_path = shifted / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256)
+    config_path.write_text(json.dumps(config))
+    layout = PipelineLayout.read(shifted)
+    arch = SD3Architecture(layout)
+    arch.load_text()
+    arch.load_denoiser()
+    arch.load_vae()
+    seeds = [41, 42]
+    job = DenoiseJob(arch.encode(PROMPT), seeds, HEIGHT, WIDTH, 2, 1.0)
+    ours = arch.decode(denoise_all(arch, [job])[-1][1])
+    expected = StableDiffusion3Pipeline.from_pretrained(str(shifted))(
+        PROMPT,
+        height=HEIGHT,
+        width=WIDTH,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        num_images_per_prompt=2,
+        generator=generators(seeds),
+    ).images
+    assert max_diff(ours, np.stack([np.array(im) for im in expected])) <= 1

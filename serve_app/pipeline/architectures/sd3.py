@@ -79,7 +79,10 @@ class SD3Architecture(Architecture):
         text_ids = tokenizer(prompt, truncation=False, add_special_tokens=False).input_ids
         truncated = len(text_ids) > window
         encoded_prompt = kept_text(tokenizer, prompt, window) if truncated else prompt
-        counted = text_ids if count_prompt is None else tokenizer(count_prompt, truncation=False, add_special_tokens=False).input_ids
+        if count_prompt is None:
+            counted = text_ids
+        else:
+            counted = tokenizer(count_prompt, truncation=False, add_special_tokens=False).input_ids
 
         # 2. Prompt and negative prompt: the negative always, since guidance
         # is the denoiser's decision and arrives with the job.
@@ -136,7 +139,9 @@ class SD3Architecture(Architecture):
             )[0]
         return bool(torch.isfinite(out).all())
 
-    def denoise(self, jobs: list[DenoiseJob], preview_steps: set[int], every_step: bool) -> Iterator[tuple[str, np.ndarray | None]]:
+    def denoise(
+        self, jobs: list[DenoiseJob], preview_steps: set[int], every_step: bool
+    ) -> Iterator[tuple[str, np.ndarray | None]]:
         # Our own loop rather than StableDiffusion3Pipeline.__call__: we stop
         # between steps (cancellation), yield clean-image estimates
         # (previews), and run several requests' images as one batch, each
@@ -278,10 +283,12 @@ class _Run:
         timesteps, _ = retrieve_timesteps(scheduler, first.steps, device, **kwargs)
 
         # 3. Starting latents.
-        shape = (1, arch.transformer.config.in_channels, first.height // arch.vae_scale_factor, first.width // arch.vae_scale_factor)
+        f = arch.vae_scale_factor
+        shape = (1, arch.transformer.config.in_channels, first.height // f, first.width // f)
         self.mask = self.image_latents = None
         if first.edit is None:
-            noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in (s for j in jobs for s in j.seeds)]
+            seeds = [s for j in jobs for s in j.seeds]
+            noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds]
             self.timesteps = timesteps
             self.latents = torch.cat(noise).to(device, dtype)
             return
