@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_KINDS = ("tiny-sd", "tiny-sdxl", "tiny-sd-inpaint", "tiny-flux-dev", "tiny-flux-schnell")
+TINY_KINDS = ("tiny-sd", "tiny-sdxl", "tiny-sd-inpaint", "tiny-sd3", "tiny-flux-dev", "tiny-flux-schnell")
 
 _TOKENIZER_WINDOW = 77
 _TEXT_HIDDEN = 32
@@ -166,6 +166,8 @@ def build_tiny_pipeline(kind: str = "tiny-sd", seed: int = 0):
         raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {TINY_KINDS}")
     if kind.startswith("tiny-flux"):
         return _tiny_flux(dev=kind == "tiny-flux-dev", seed=seed)
+    if kind == "tiny-sd3":
+        return build_tiny_sd3(seed)
     sdxl = kind == "tiny-sdxl"
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -290,6 +292,103 @@ def _tiny_flux(dev: bool, seed: int):
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
         transformer=transformer,
+    )
+
+
+# --- Stable Diffusion 3 / 3.5 ------------------------------------------------
+# Widths chosen so that every concatenation SD3 does is visible: the two CLIP
+# encoders' hidden states side by side (32 + 32) are zero-padded up to T5's
+# width (96), as SD3's 768 + 1280 are padded to 4096; pooled 32 + 32 = 64.
+_SD3_T5_HIDDEN = 96
+_SD3_T5_WINDOW = 256  # diffusers' default max_sequence_length for SD3
+
+
+def write_unigram_t5_tokenizer(folder: Path) -> None:
+    """Write a T5 (SentencePiece Unigram) tokenizer built from an in-memory
+    vocabulary: T5's special tokens at T5's ids (pad 0, eos 1, unk 2), the
+    word-start marker, single characters, and a few whole words scored
+    higher, so that common words are one token and others fall apart into
+    characters, as with a real Unigram model."""
+    import string
+
+    from transformers import T5Tokenizer  # transformers 5.x: the tokenizers-backed class
+
+    # "\u2581" is SentencePiece's word-start marker.
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    pieces += [("\u2581" + c, -4.0) for c in string.ascii_lowercase]
+    words = "a an the of and in on with at by photo of cute baby sea otter city cat dog word red blue light".split()
+    pieces += [("\u2581" + w, -3.0) for w in dict.fromkeys(words)]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+    tokenizer.save_pretrained(str(folder))
+
+
+def build_tiny_sd3(seed: int = 0):
+    """A tiny StableDiffusion3Pipeline: CLIP-L, CLIP-G and T5 encoders, an
+    MMDiT with SD3.5's extras (RMS q/k norm, one dual-attention layer), a
+    16-channel VAE that downsamples 8x, and SD3's shifted flow-matching
+    Euler scheduler."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_byte_level_tokenizer(Path(tmp) / "clip")
+        write_unigram_t5_tokenizer(Path(tmp) / "t5")
+        clip_tokenizer = CLIPTokenizer.from_pretrained(str(Path(tmp) / "clip"))
+        t5_tokenizer = T5Tokenizer.from_pretrained(str(Path(tmp) / "t5"))
+    vocab_size = len(clip_tokenizer)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=_SD3_T5_HIDDEN,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, as SD3's T5-XXL
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=64,  # default 512x512
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=_SD3_T5_HIDDEN,
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * _TEXT_HIDDEN,
+        # Position embeddings for up to 128x128 patches: images to 2048 px a
+        # side (the service's largest is 1792), as SD3's 192 reach 3072.
+        pos_embed_max_size=128,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+    vae = _vae(
+        latent_channels=16,
+        # SD3's VAE: no quant convs, and latents shifted as well as scaled.
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        text_encoder=CLIPTextModelWithProjection(_text_encoder_config(vocab_size)),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_text_encoder_config(vocab_size)),
+        tokenizer_2=clip_tokenizer,
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer,
     )
 
 
