@@ -602,6 +602,17 @@ def memory_mb(pid: int) -> tuple[float, float] | None:
     return info.rss / 2**20, getattr(info, "uss", info.rss) / 2**20
 
 
+def malloc_env(pid: int) -> dict[str, str]:
+    """The glibc malloc settings (MALLOC_*) a replica's process was started with:
+    the serve config's runtime_env env_vars reach the process only if Ray passed them."""
+    import psutil
+
+    try:
+        return {k: v for k, v in psutil.Process(pid).environ().items() if k.startswith("MALLOC_")}
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return {}
+
+
 def cpu_percent_over(pid: int, seconds: float) -> float:
     import psutil
 
@@ -633,6 +644,48 @@ def service_log_counts() -> dict[str, int]:
             if m:
                 counts[m.group(0)] += 1
     return dict(counts)
+
+
+def memory_level(samples: list[tuple[float, float, float]], lo: float, hi: float, column: int = 1) -> float:
+    """The median of the samples taken between ``lo`` and ``hi`` s (RSS: column 1,
+    USS: 2), or of the one nearest that window if none falls in it. A median
+    of several samples, because a single 10-s sample can land on one large
+    request in flight (a VAE batch of three 1024x1024 images holds hundreds
+    of MB for a second) and read as growth."""
+    inside = sorted(s[column] for s in samples if lo <= s[0] <= hi)
+    if not inside:
+        nearest = min(samples, key=lambda s: min(abs(s[0] - lo), abs(s[0] - hi)))
+        return nearest[column]
+    mid = len(inside) // 2
+    return inside[mid] if len(inside) % 2 else (inside[mid - 1] + inside[mid]) / 2
+
+
+def half_growth(samples: list[tuple[float, float, float]], growth_pct: float, growth_mb: float = 0.0) -> dict[str, Any]:
+    """Memory growth of one replica over the first and the second half of its samples.
+
+    The level at the start, the middle and the end is the median of the
+    samples in a window of a tenth of the sampled span (at the start: its
+    first tenth; the middle: centred on half time; the end: its last tenth).
+    The first half holds the warm-up (first calls at each image size, caches,
+    the allocator reaching its working set); a leak shows as growth that goes
+    on in the second half. ``flagged``: the second half grew by more than
+    ``growth_pct`` % of the level at the middle (the replica's size) and by
+    more than ``growth_mb`` MB.
+    """
+    t0, t1 = samples[0][0], samples[-1][0]
+    w = (t1 - t0) / 10
+    half = (t0 + t1) / 2
+    out: dict[str, Any] = {}
+    for name, column in (("rss", 1), ("uss", 2)):
+        start = memory_level(samples, t0, t0 + w, column)
+        mid = memory_level(samples, half - w / 2, half + w / 2, column)
+        end = memory_level(samples, t1 - w, t1, column)
+        out[f"{name}_first_half_mb"] = round(mid - start, 1)
+        out[f"{name}_second_half_mb"] = round(end - mid, 1)
+        out[f"{name}_second_half_pct"] = round(100 * (end - mid) / mid, 1) if mid > 0 else None
+    second = out["rss_second_half_mb"]
+    out["flagged"] = second > growth_mb and out["rss_second_half_pct"] is not None and out["rss_second_half_pct"] > growth_pct
+    return out
 
 
 class ReplicaWatch:
@@ -720,11 +773,11 @@ class ReplicaWatch:
                 state = "new (replacement)"
             else:
                 state = "alive"
-            grew = (
-                state == "alive"
-                and end_rss - start_rss > growth_mb
-                and end_rss > start_rss * (1 + growth_pct / 100)
-            )
+            halves = half_growth(rep.samples, growth_pct, growth_mb)
+            # Only a replica that lived through the whole run has two comparable
+            # halves; a replacement's first samples are its own warm-up.
+            flagged = halves.pop("flagged")
+            grew = state == "alive" and len(rep.samples) >= 3 and flagged
             rows.append({
                 "deployment": rep.deployment,
                 "replica": rep.name.rsplit("#", 1)[-1] if rep.name.startswith("SERVE_REPLICA") else rep.actor_id[:8],
@@ -738,7 +791,9 @@ class ReplicaWatch:
                 "rss_peak_mb": round(max(s[1] for s in rep.samples), 1),
                 "uss_start_mb": round(rep.samples[0][2], 1),
                 "uss_end_mb": round(rep.samples[-1][2], 1),
+                **halves,
                 "growth_flagged": grew,
+                "malloc_env": malloc_env(rep.pid) if alive else None,
                 "rss_series_mb": [[round(t), round(rss)] for t, rss, _ in rep.samples],
             })
         return rows
@@ -789,6 +844,10 @@ def summarize(results: list[Result], wall: float) -> dict[str, Any]:
     }
 
 
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1f}"
+
+
 def print_table(summary: dict[str, Any], memory: list[dict[str, Any]], failures: list[Result]) -> None:
     print(f"\n{'kind':<20}{'sent':>6}  {'statuses':<34}{'p50 s':>8}{'p99 s':>8}  outcomes")
     for kind, k in summary["by_kind"].items():
@@ -804,11 +863,15 @@ def print_table(summary: dict[str, Any], memory: list[dict[str, Any]], failures:
           f"latency p50 {summary['p50_s']} s  p99 {summary['p99_s']} s")
     if memory:
         print(f"\n{'deployment':<22}{'replica':<10}{'pid':>8}  {'state':<19}{'RSS start':>10}{'mid':>7}{'end':>7}{'peak':>7}"
-              f"{'USS start':>11}{'end':>7}  growth (MB)")
+              f"{'USS start':>11}{'end':>7}{'1st half':>10}{'2nd half':>10}{'2nd %':>7}  growth")
         for m in memory:
             print(f"{m['deployment']:<22}{m['replica']:<10}{m['pid']:>8}  {m['state']:<19}{m['rss_start_mb']:>10.0f}{m['rss_mid_mb']:>7.0f}"
                   f"{m['rss_end_mb']:>7.0f}"
-                  f"{m['rss_peak_mb']:>7.0f}{m['uss_start_mb']:>11.0f}{m['uss_end_mb']:>7.0f}  {'FLAGGED' if m['growth_flagged'] else '-'}")
+                  f"{m['rss_peak_mb']:>7.0f}{m['uss_start_mb']:>11.0f}{m['uss_end_mb']:>7.0f}"
+                  f"{m['rss_first_half_mb']:>+10.0f}{m['rss_second_half_mb']:>+10.0f}{pct(m['rss_second_half_pct']):>7}"
+                  f"  {'FLAGGED' if m['growth_flagged'] else '-'}")
+        print("growth: RSS over the first and the second half (medians of the samples in a tenth of the run at the start, "
+              "middle and end); FLAGGED: a replica alive throughout whose second half grew more than the threshold")
     if failures:
         print(f"\nfirst {min(len(failures), 20)} of {len(failures)} lost / unexpected / client errors:")
         for r in failures[:20]:
@@ -831,8 +894,9 @@ def main() -> None:
     ap.add_argument("--ray-address", default=None, help="with --url: the service's Ray cluster, for replica memory and --kill-replica")
     ap.add_argument("--max-body-bytes", type=int, default=None, help="with --url: the service's max_body_bytes (default 1 MiB)")
     ap.add_argument("--timeout", type=float, default=None, help="client timeout per request, s (default: the server's deadline + 120)")
-    ap.add_argument("--growth-pct", type=float, default=20.0, help="flag a replica whose RSS grew more than this many percent ...")
-    ap.add_argument("--growth-mb", type=float, default=50.0, help="... and more than this many MB (default 20%% and 50 MB)")
+    ap.add_argument("--growth-pct", type=float, default=5.0,
+                    help="flag a replica whose RSS grew in the run's second half by more than this many percent of its size (default 5)")
+    ap.add_argument("--growth-mb", type=float, default=0.0, help="... and by more than this many MB (default 0)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the request mix")
     ap.add_argument("--kinds", default=None, help=f"comma-separated subset of the request kinds: {', '.join(KINDS)}")
     ap.add_argument("--out", default=str(ROOT / "results"), help="folder for the JSON summary")
