@@ -445,3 +445,16 @@ def test_forwarded_headers_through_rays_proxy_middleware(ingress_at):
     assert _url_base(remote, {**FORWARDED, "X-Forwarded-For": "127.0.0.1"}) == "http://testserver"
     # Nor one naming its own address and port, which is what a replaced client looks like with a port.
     assert _url_base(remote, {**FORWARDED, "X-Forwarded-For": "198.51.100.7:50000"}) == "http://testserver"
+
+
+@pytest.mark.parametrize("size, expected", [("1024x1024", (272, 1056, 4160)), ("1024x1536", (408, 1584, 6240)), ("1536x1024", (400, 1568, 6208))])
+def test_usage_for_three_tiers(stub_ingress_client, size, expected):
+    """OpenAI's output-token table, size by tier (the ingress's arithmetic;
+    the stand-in text encoder counts words)."""
+    prompt = "A cute baby sea otter"
+    for quality, out in zip(("low", "medium", "high"), expected):
+        resp = stub_ingress_client.post(GEN, json={"model": "gpt-image-1", "prompt": prompt, "size": size, "quality": quality, "output_format": "jpeg"})
+        assert resp.status_code == 200, resp.text
+        u = resp.json()["usage"]
+        assert u["input_tokens_details"] == {"text_tokens": 5, "image_tokens": 0}
+        assert u["output_tokens"] == out and u["total_tokens"] == 5 + out
