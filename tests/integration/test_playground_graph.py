@@ -40,3 +40,51 @@ def test_playground_streams_a_generation_through_the_graph(page, service_url):  
     assert page.evaluate("document.querySelector('.result .size').textContent") == "256x256"
     assert page.problems() == []
 
+
+
+def test_playground_edits_with_a_painted_mask_through_the_graph(page, service_url, tmp_path):  # noqa: F811 - fixture
+    """Paint a mask, edit through the real /v1/images/edits, see the result:
+    far from the stroke the result is the picked image's own pixels."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    page.goto(service_url + "/playground")
+    page.evaluate(f"sessionStorage.setItem({json.dumps(KEY_STORAGE)}, {json.dumps(TEST_API_KEY)})")
+    page.goto(service_url + "/playground")
+    page.wait_for("document.querySelectorAll('#model option').length > 0", timeout=60)
+    page.click("#tab-edit")
+    page.choose("#model", "dall-e-2")
+    page.choose("#size", "256x256")
+    source = tmp_path / "source.png"
+    y, x = np.mgrid[0:256, 0:256]
+    Image.fromarray(np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)).save(source)
+    node = page.call("DOM.querySelector", {"nodeId": page.call("DOM.getDocument")["root"]["nodeId"], "selector": "#edit-image"})
+    page.call("DOM.setFileInputFiles", {"files": [str(source)], "nodeId": node["nodeId"]})
+    page.wait_for("!document.querySelector('#mask-stage').hidden && document.querySelector('#mask-canvas').width === 256")
+    page.evaluate("document.querySelector('#brush-size').value = '24'")
+    rect = page.evaluate(
+        "(() => { const c = document.querySelector('#mask-canvas'); c.scrollIntoView({block: 'center'});"
+        " const r = c.getBoundingClientRect(); return {x: r.x, y: r.y, w: r.width, h: r.height}; })()"
+    )
+    start, end = (rect["x"] + rect["w"] * 0.25, rect["y"] + rect["h"] * 0.5), (rect["x"] + rect["w"] * 0.75, rect["y"] + rect["h"] * 0.5)
+    page.mouse("mouseMoved", *start)
+    page.mouse("mousePressed", *start)
+    for i in range(1, 11):
+        page.mouse("mouseMoved", start[0] + (end[0] - start[0]) * i / 10, start[1], buttons=1)
+    page.mouse("mouseReleased", *end)
+    page.type_into("#prompt", "a red boat")
+    page.press_enter(ctrl=True)
+    page.wait_for("!!document.querySelector('.result[data-state=final]')", timeout=180)
+    src = page.evaluate("document.querySelector('.result[data-state=final] img').src")
+    assert src.startswith("data:image/")
+    result = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+    original = np.asarray(Image.open(source).convert("RGB"))
+    assert result.shape == (256, 256, 3)
+    # The stroke runs along the middle row; the top and bottom quarters are far outside it.
+    far = np.r_[0:64, 192:256]
+    assert np.array_equal(result[far], original[far])
+    assert not np.array_equal(result[118:138, 80:176], original[118:138, 80:176]), "the painted band was edited"
+    assert page.problems() == []

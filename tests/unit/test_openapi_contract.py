@@ -46,7 +46,9 @@ TALLY: Counter[tuple[str, str, str]] = Counter()
 @pytest.fixture(scope="module")
 def contract_app(app_args):
     """The ingress's ASGI app on stub model stages (conftest's local_stages, with sleeping models)."""
-    instance = stub_ingress(app_args)
+    # The shipped body limit: the suite's 64 KiB would answer a long schema-violating
+    # prompt with 413 before validation could, which is right but not what the check expects.
+    instance = stub_ingress({**app_args, "max_body_bytes": 1 << 20})
     return instance.__serve_build_asgi_app__()
 
 
@@ -95,12 +97,23 @@ def openai_error_envelope(ctx, response, case):
     return None
 
 
+@schemathesis.check
+def negative_data_rejected(ctx, response, case):
+    """schemathesis's own check, except for multipart bodies: a form field is
+    text, and the JSON types schemathesis mutates one into do not survive the
+    form encoding (an empty array becomes no field at all, a number its
+    digits), so such a "negative" case reaches the server as a valid form."""
+    if (case.media_type or "").startswith("multipart/"):
+        return None
+    return negative_data_rejection(ctx, response, case)
+
+
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
     content_type_conformance,
     response_schema_conformance,
-    negative_data_rejection,
+    negative_data_rejected,
     openai_error_envelope,
 ]
 
