@@ -78,9 +78,14 @@ def test_playground_edits_with_a_painted_mask_through_the_graph(page, service_ur
     page.type_into("#prompt", "a red boat")
     page.press_enter(ctrl=True)
     page.wait_for("!!document.querySelector('.result[data-state=final]')", timeout=180)
-    src = page.evaluate("document.querySelector('.result[data-state=final] img').src")
-    assert src.startswith("data:image/")
-    result = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+    # The image the page shows, read back through a canvas (lossless PNG; the
+    # page's CSP lets no script fetch its blob: URL, rightly).
+    b64 = page.evaluate(
+        "(() => { const img = document.querySelector('.result[data-state=final] img');"
+        " const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;"
+        " c.getContext('2d').drawImage(img, 0, 0); return c.toDataURL('image/png').split(',')[1]; })()"
+    )
+    result = np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
     original = np.asarray(Image.open(source).convert("RGB"))
     assert result.shape == (256, 256, 3)
     # The stroke runs along the middle row; the top and bottom quarters are far outside it.
