@@ -300,27 +300,6 @@ def _tiny_flux(dev: bool, seed: int):
 # encoders' hidden states side by side (32 + 32) are zero-padded up to T5's
 # width (96), as SD3's 768 + 1280 are padded to 4096; pooled 32 + 32 = 64.
 _SD3_T5_HIDDEN = 96
-_SD3_T5_WINDOW = 256  # diffusers' default max_sequence_length for SD3
-
-
-def write_unigram_t5_tokenizer(folder: Path) -> None:
-    """Write a T5 (SentencePiece Unigram) tokenizer built from an in-memory
-    vocabulary: T5's special tokens at T5's ids (pad 0, eos 1, unk 2), the
-    word-start marker, single characters, and a few whole words scored
-    higher, so that common words are one token and others fall apart into
-    characters, as with a real Unigram model."""
-    import string
-
-    from transformers import T5Tokenizer  # transformers 5.x: the tokenizers-backed class
-
-    # "\u2581" is SentencePiece's word-start marker.
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
-    pieces += [("\u2581" + c, -4.0) for c in string.ascii_lowercase]
-    words = "a an the of and in on with at by photo of cute baby sea otter city cat dog word red blue light".split()
-    pieces += [("\u2581" + w, -3.0) for w in dict.fromkeys(words)]
-    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
-    tokenizer.save_pretrained(str(folder))
 
 
 def build_tiny_sd3(seed: int = 0):
@@ -330,14 +309,13 @@ def build_tiny_sd3(seed: int = 0):
     Euler scheduler."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         write_byte_level_tokenizer(Path(tmp) / "clip")
-        write_unigram_t5_tokenizer(Path(tmp) / "t5")
         clip_tokenizer = CLIPTokenizer.from_pretrained(str(Path(tmp) / "clip"))
-        t5_tokenizer = T5Tokenizer.from_pretrained(str(Path(tmp) / "t5"))
+    t5_tokenizer = t5_unigram_tokenizer(model_max_length=512)
     vocab_size = len(clip_tokenizer)
     t5 = T5EncoderModel(
         T5Config(

@@ -130,6 +130,32 @@ def to_unit_range(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float() / 255.0 * 2.0 - 1.0
 
 
+def prompt_embeddings(
+    embeds: torch.Tensor,
+    negative: torch.Tensor | None,
+    pooled: torch.Tensor | None,
+    negative_pooled: torch.Tensor | None,
+    *,
+    token_count: int,
+    truncated: bool,
+    encoded_prompt: str,
+) -> PromptEmbeddings:
+    """A text stage's tensors -> the float32 NumPy data class that crosses to the denoiser."""
+
+    def to_np(t: torch.Tensor | None) -> np.ndarray | None:
+        return None if t is None else t.float().cpu().numpy()
+
+    return PromptEmbeddings(
+        prompt_embeds=to_np(embeds),
+        negative_prompt_embeds=to_np(negative),
+        pooled_prompt_embeds=to_np(pooled),
+        negative_pooled_prompt_embeds=to_np(negative_pooled),
+        token_count=token_count,
+        truncated=truncated,
+        encoded_prompt=encoded_prompt,
+    )
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """A VAE's (n, 3, H, W) output in [-1, 1] -> (n, H, W, 3) uint8, as diffusers' postprocess rounds it."""
     images = (images / 2 + 0.5).clamp(0, 1)

@@ -36,7 +36,7 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-from serve_app.pipeline.architectures.base import Architecture, kept_text, to_uint8, to_unit_range
+from serve_app.pipeline.architectures.base import Architecture, kept_text, prompt_embeddings, to_uint8, to_unit_range
 from serve_app.pipeline.types import DenoiseJob, EditLatents, EditsUnsupported, PromptEmbeddings
 
 # diffusers refuses a longer T5 window; FLUX was trained with 512 tokens.
@@ -102,17 +102,9 @@ class FluxArchitecture(Architecture):
         if negative_prompt:
             neg_embeds, neg_pooled = self._embed(negative_prompt)
 
-        def to_np(t: torch.Tensor | None) -> np.ndarray | None:
-            return None if t is None else t.float().cpu().numpy()
-
-        return PromptEmbeddings(
-            prompt_embeds=to_np(embeds),
-            negative_prompt_embeds=to_np(neg_embeds),
-            pooled_prompt_embeds=to_np(pooled),
-            negative_pooled_prompt_embeds=to_np(neg_pooled),
-            token_count=len(counted),
-            truncated=truncated,
-            encoded_prompt=kept_text(tokenizer, prompt, window) if truncated else prompt,
+        return prompt_embeddings(
+            embeds, neg_embeds, pooled, neg_pooled,
+            token_count=len(counted), truncated=truncated, encoded_prompt=kept_text(tokenizer, prompt, window) if truncated else prompt,
         )
 
     def probe_text(self) -> bool:

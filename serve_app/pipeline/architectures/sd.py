@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serve_app.pipeline.architectures.base import Architecture, kept_text, repaint_mask, to_uint8, to_unit_range
+from serve_app.pipeline.architectures.base import Architecture, kept_text, prompt_embeddings, repaint_mask, to_uint8, to_unit_range
 from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings, edit_steps
 
 
@@ -91,17 +91,9 @@ class StableDiffusion(Architecture):
         else:
             neg_embeds, neg_pooled = self._embed(negative_prompt)
 
-        def to_np(t: torch.Tensor | None) -> np.ndarray | None:
-            return None if t is None else t.float().cpu().numpy()
-
-        return PromptEmbeddings(
-            prompt_embeds=to_np(embeds),
-            negative_prompt_embeds=to_np(neg_embeds),
-            pooled_prompt_embeds=to_np(pooled),
-            negative_pooled_prompt_embeds=to_np(neg_pooled),
-            token_count=len(counted),
-            truncated=truncated,
-            encoded_prompt=encoded_prompt,
+        return prompt_embeddings(
+            embeds, neg_embeds, pooled, neg_pooled,
+            token_count=len(counted), truncated=truncated, encoded_prompt=encoded_prompt,
         )
 
     def probe_text(self) -> bool:

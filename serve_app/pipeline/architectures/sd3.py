@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serve_app.pipeline.architectures.base import Architecture, kept_text, repaint_mask
+from serve_app.pipeline.architectures.base import Architecture, kept_text, prompt_embeddings, repaint_mask
 from serve_app.pipeline.components import ModelLayoutError
 from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings
 
@@ -96,17 +96,9 @@ class SD3Architecture(Architecture):
                 max_sequence_length=self.max_sequence_length,
             )
 
-        def to_np(t: torch.Tensor) -> np.ndarray:
-            return t.float().cpu().numpy()
-
-        return PromptEmbeddings(
-            prompt_embeds=to_np(embeds),
-            negative_prompt_embeds=to_np(neg_embeds),
-            pooled_prompt_embeds=to_np(pooled),
-            negative_pooled_prompt_embeds=to_np(neg_pooled),
-            token_count=len(counted),
-            truncated=truncated,
-            encoded_prompt=encoded_prompt,
+        return prompt_embeddings(
+            embeds, neg_embeds, pooled, neg_pooled,
+            token_count=len(counted), truncated=truncated, encoded_prompt=encoded_prompt,
         )
 
     def probe_text(self) -> bool:
