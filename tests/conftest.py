@@ -132,23 +132,24 @@ class LocalHandle:
 def local_stages(app_args):
     """The real stage deployment classes, in-process, keyed like the builder's graph."""
     from serve_app.config import load_app_config
-    from serve_app.deployments.denoiser import Denoiser
     from serve_app.deployments.post_processor import PostProcessor
+
+    config, registry = load_app_config(app_args)
+    return config, registry, real_stages(config, registry), LocalHandle(PostProcessor(config))
+
+
+def real_stages(config, registry) -> dict[str, dict[str, "LocalHandle"]]:
+    """Each pipeline's real TextEncoder, Denoiser and VaeDecoder, in-process, keyed like the builder's graph."""
+    from serve_app.deployments.denoiser import Denoiser
     from serve_app.deployments.text_encoder import TextEncoder
     from serve_app.deployments.vae_decoder import VaeDecoder
 
-    config, registry = load_app_config(app_args)
     cache = str(config.model_cache_path)
-    pipelines = {
-        name: {
-            "text_encoder": LocalHandle(TextEncoder(p, config.stages.text_encoder, cache)),
-            "denoiser": LocalHandle(Denoiser(p, config.stages.denoiser, cache)),
-            "vae_decoder": LocalHandle(VaeDecoder(p, config.stages.vae_decoder, cache)),
-        }
+    classes = {"text_encoder": TextEncoder, "denoiser": Denoiser, "vae_decoder": VaeDecoder}
+    return {
+        name: {stage: LocalHandle(cls(p, getattr(config.stages, stage), cache)) for stage, cls in classes.items()}
         for name, p in registry.pipelines.items()
     }
-    post = LocalHandle(PostProcessor(config))
-    return config, registry, pipelines, post
 
 
 @pytest.fixture()

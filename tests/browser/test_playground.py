@@ -258,6 +258,23 @@ def _stroke_distance(x: np.ndarray, y: np.ndarray, a: tuple[float, float], b: tu
     return np.hypot(x - (ax + t * dx), y - (ay + t * dy))
 
 
+def paint_stroke(page, brush: int = 24):
+    """Drag the mouse across the middle of the mask canvas, from a quarter to
+    three quarters of its width; returns the canvas rectangle and the stroke's ends."""
+    page.evaluate(f"document.querySelector('#brush-size').value = '{brush}'")
+    rect = page.evaluate(
+        "(() => { const c = document.querySelector('#mask-canvas'); c.scrollIntoView({block: 'center'});"
+        " const r = c.getBoundingClientRect(); return {x: r.x, y: r.y, w: r.width, h: r.height}; })()"
+    )
+    start, end = (rect["x"] + rect["w"] * 0.25, rect["y"] + rect["h"] * 0.5), (rect["x"] + rect["w"] * 0.75, rect["y"] + rect["h"] * 0.5)
+    page.mouse("mouseMoved", *start)
+    page.mouse("mousePressed", *start)
+    for i in range(1, 11):
+        page.mouse("mouseMoved", start[0] + (end[0] - start[0]) * i / 10, start[1], buttons=1)
+    page.mouse("mouseReleased", *end)
+    return rect, start, end
+
+
 def test_edit_sends_image_and_painted_mask_as_the_sdks_do(page, playground_server, tmp_path):
     open_playground(page, playground_server)
     page.click("#tab-edit")
@@ -271,18 +288,8 @@ def test_edit_sends_image_and_painted_mask_as_the_sdks_do(page, playground_serve
     page.wait_for("!document.querySelector('#mask-stage').hidden && document.querySelector('#mask-canvas').width === 320")
 
     # Paint one horizontal stroke with the mouse, then submit with Enter.
-    page.evaluate("document.querySelector('#brush-size').value = '24'")
-    rect = page.evaluate(
-        "(() => { const c = document.querySelector('#mask-canvas'); c.scrollIntoView({block: 'center'});"
-        " const r = c.getBoundingClientRect(); return {x: r.x, y: r.y, w: r.width, h: r.height}; })()"
-    )
+    rect, start, end = paint_stroke(page)
     scale = 320 / rect["w"]
-    start, end = (rect["x"] + rect["w"] * 0.25, rect["y"] + rect["h"] * 0.5), (rect["x"] + rect["w"] * 0.75, rect["y"] + rect["h"] * 0.5)
-    page.mouse("mouseMoved", *start)
-    page.mouse("mousePressed", *start)
-    for i in range(1, 11):
-        page.mouse("mouseMoved", start[0] + (end[0] - start[0]) * i / 10, start[1], buttons=1)
-    page.mouse("mouseReleased", *end)
     page.type_into("#prompt", "add a red boat")
     page.press_enter(ctrl=True)
     page.wait_for("!!document.querySelector('.result[data-state=final]')", timeout=30)

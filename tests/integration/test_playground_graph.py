@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.browser.conftest import chromium, page  # noqa: F401 - fixtures
-from tests.browser.test_playground import KEY_STORAGE, small_size_model
+from tests.browser.test_playground import KEY_STORAGE, paint_stroke, small_size_model
 from tests.conftest import TEST_API_KEY
 
 pytestmark = [pytest.mark.ray, pytest.mark.browser]
@@ -64,17 +64,7 @@ def test_playground_edits_with_a_painted_mask_through_the_graph(page, service_ur
     node = page.call("DOM.querySelector", {"nodeId": page.call("DOM.getDocument")["root"]["nodeId"], "selector": "#edit-image"})
     page.call("DOM.setFileInputFiles", {"files": [str(source)], "nodeId": node["nodeId"]})
     page.wait_for("!document.querySelector('#mask-stage').hidden && document.querySelector('#mask-canvas').width === 256")
-    page.evaluate("document.querySelector('#brush-size').value = '24'")
-    rect = page.evaluate(
-        "(() => { const c = document.querySelector('#mask-canvas'); c.scrollIntoView({block: 'center'});"
-        " const r = c.getBoundingClientRect(); return {x: r.x, y: r.y, w: r.width, h: r.height}; })()"
-    )
-    start, end = (rect["x"] + rect["w"] * 0.25, rect["y"] + rect["h"] * 0.5), (rect["x"] + rect["w"] * 0.75, rect["y"] + rect["h"] * 0.5)
-    page.mouse("mouseMoved", *start)
-    page.mouse("mousePressed", *start)
-    for i in range(1, 11):
-        page.mouse("mouseMoved", start[0] + (end[0] - start[0]) * i / 10, start[1], buttons=1)
-    page.mouse("mouseReleased", *end)
+    paint_stroke(page)
     page.type_into("#prompt", "a red boat")
     page.press_enter(ctrl=True)
     page.wait_for("!!document.querySelector('.result[data-state=final]')", timeout=180)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import TEST_API_KEY, TEST_SIGNING_KEY, LocalHandle
+from tests.conftest import TEST_API_KEY, TEST_SIGNING_KEY, LocalHandle, real_stages
 from tests.unit.test_edits_http import band_mask, png
 
 GEN = "/v1/images/generations"
@@ -31,11 +31,8 @@ def client(tmp_path_factory, tiny_model_dir):
     from fastapi.testclient import TestClient
 
     from serve_app.config import load_app_config
-    from serve_app.deployments.denoiser import Denoiser
     from serve_app.deployments.ingress import ImagesIngress
     from serve_app.deployments.post_processor import PostProcessor
-    from serve_app.deployments.text_encoder import TextEncoder
-    from serve_app.deployments.vae_decoder import VaeDecoder
 
     registry = yaml.safe_load(ALL_TINY.read_text())
     for pipeline in registry["pipelines"].values():
@@ -43,15 +40,7 @@ def client(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("all-tiny")
     (root / "models.yaml").write_text(yaml.safe_dump(registry))
     config, reg = load_app_config({"models": str(root / "models.yaml"), "data_dir": str(root / "data")})
-    cache = str(config.model_cache_path)
-    pipelines = {
-        name: {
-            "text_encoder": LocalHandle(TextEncoder(p, config.stages.text_encoder, cache)),
-            "denoiser": LocalHandle(Denoiser(p, config.stages.denoiser, cache)),
-            "vae_decoder": LocalHandle(VaeDecoder(p, config.stages.vae_decoder, cache)),
-        }
-        for name, p in reg.pipelines.items()
-    }
+    pipelines = real_stages(config, reg)
     ingress = ImagesIngress(config, reg, TEST_SIGNING_KEY, pipelines, LocalHandle(PostProcessor(config)))
     with TestClient(ingress.__serve_build_asgi_app__(), raise_server_exceptions=False) as c:
         c.headers["Authorization"] = f"Bearer {TEST_API_KEY}"
