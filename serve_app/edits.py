@@ -120,13 +120,13 @@ def plan_edit(
     alpha = inputs.alpha
     if alpha is not None and alpha.shape != (height, width):
         alpha = np.asarray(PILImage.fromarray(alpha).resize((width, height), PILImage.NEAREST))
+    fidelity = source.input_fidelity or "low"
     if source.kind == "variation":
         strength = preset.variation_strength
     elif alpha is not None:
         strength = preset.inpaint_strength
     else:
-        strength = preset.strength[source.input_fidelity or "low"]
-    fidelity = source.input_fidelity or "low"
+        strength = preset.strength[fidelity]
     return EditPlan(
         kind=source.kind,
         pixels=np.ascontiguousarray(pixels),

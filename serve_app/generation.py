@@ -336,13 +336,10 @@ def usage_for(r: ResolvedRequest, embeddings: PromptEmbeddings, images: int) -> 
 
 
 def _final_spec(r: ResolvedRequest, response_format: str) -> PostProcessSpec:
-    spec = PostProcessSpec(r.output_format, r.output_compression, response_format, r.background == "transparent")
+    keep = {}
     if r.edit is not None and r.edit.alpha is not None:
-        spec = PostProcessSpec(
-            spec.output_format, spec.compression, spec.response_format, spec.transparent,
-            keep_pixels=r.edit.pixels, keep_alpha=r.edit.alpha, feather_px=r.edit.feather_px,
-        )
-    return spec
+        keep = dict(keep_pixels=r.edit.pixels, keep_alpha=r.edit.alpha, feather_px=r.edit.feather_px)
+    return PostProcessSpec(r.output_format, r.output_compression, response_format, r.background == "transparent", **keep)
 
 
 async def _condition(r: ResolvedRequest, stages: Stages) -> tuple[PromptEmbeddings, EditLatents | None]:

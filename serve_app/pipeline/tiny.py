@@ -224,6 +224,28 @@ def t5_unigram_tokenizer(model_max_length: int = _T5_WINDOW):
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
+def _t5_encoder(vocab_size: int, d_model: int, d_kv: int, num_heads: int):
+    """A two-layer T5 v1.1 encoder (gated-GELU, as SD3's and FLUX's T5-XXL) at toy width,
+    with T5's fixed ids (pad 0, end-of-sequence 1)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            d_kv=d_kv,
+            d_ff=64,
+            num_layers=2,
+            num_heads=num_heads,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+
+
 def _flux_vae():
     """FLUX's VAE shape at toy width: 8x downsampling (four blocks) as
     SD's, but 16 latent channels, no quant convs, and FLUX's latent scaling
@@ -239,7 +261,7 @@ def _tiny_flux(dev: bool, seed: int):
     schedule: shift 1, no dynamic shifting), with the real schedulers' configs."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -247,22 +269,7 @@ def _tiny_flux(dev: bool, seed: int):
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
     tokenizer_2 = t5_unigram_tokenizer()
     t5_dim = 32
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=t5_dim,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's T5-XXL
-            dropout_rate=0.0,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
+    text_encoder_2 = _t5_encoder(len(tokenizer_2), d_model=t5_dim, d_kv=8, num_heads=4)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16 * 4,  # 16 latent channels packed in 2x2 patches
@@ -309,7 +316,7 @@ def build_tiny_sd3(seed: int = 0):
     Euler scheduler."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -317,21 +324,7 @@ def build_tiny_sd3(seed: int = 0):
         clip_tokenizer = CLIPTokenizer.from_pretrained(str(Path(tmp) / "clip"))
     t5_tokenizer = t5_unigram_tokenizer(model_max_length=512)
     vocab_size = len(clip_tokenizer)
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tokenizer),
-            d_model=_SD3_T5_HIDDEN,
-            d_kv=16,
-            d_ff=64,
-            num_layers=2,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",  # T5 v1.1, as SD3's T5-XXL
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
+    t5 = _t5_encoder(len(t5_tokenizer), d_model=_SD3_T5_HIDDEN, d_kv=16, num_heads=2)
     transformer = SD3Transformer2DModel(
         sample_size=64,  # default 512x512
         patch_size=2,

@@ -35,11 +35,6 @@ class Architecture:
     text_files: ClassVar[tuple[str, ...]] = ()
     denoiser_files: ClassVar[tuple[str, ...]] = ()
     vae_files: ClassVar[tuple[str, ...]] = ()
-    # Whether the architecture can edit (its VAE encodes and its denoiser
-    # starts from image latents), and how many reference images it takes
-    # besides the edited one.
-    edits: ClassVar[bool] = False
-    reference_images: ClassVar[int] = 0
     # Components model_index.json must list.
     required_components: ClassVar[tuple[str, ...]] = ()
 
@@ -99,6 +94,16 @@ class Architecture:
     # --- VAE stage --------------------------------------------------------------
     def load_vae(self) -> None:
         raise NotImplementedError
+
+    def _load_vae_module(self) -> None:
+        """``self.vae`` and ``self.vae_dtype``: a VAE whose config asks for
+        float32 (``force_upcast``, e.g. SDXL's) overflows in float16, so it
+        stays in float32 whatever the stage's dtype."""
+        vae = self.layout.load("vae", dtype=self.dtype, device=self.device)
+        if self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            vae = vae.to(torch.float32)
+        self.vae = vae
+        self.vae_dtype = next(vae.parameters()).dtype
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """The denoiser's final (or preview) latents -> (n, H, W, 3) uint8 RGB."""

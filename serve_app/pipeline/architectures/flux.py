@@ -292,12 +292,7 @@ class FluxArchitecture(Architecture):
     # --- VAE stage --------------------------------------------------------------
     def load_vae(self) -> None:
         self._read_latent_space()
-        vae = self.layout.load("vae", dtype=self.dtype, device=self.device)
-        # A VAE whose config asks for float32 (force_upcast) overflows in float16.
-        if self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-            vae = vae.to(torch.float32)
-        self.vae = vae
-        self.vae_dtype = next(vae.parameters()).dtype
+        self._load_vae_module()
 
     @torch.inference_mode()
     def decode(self, latents: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -35,7 +35,6 @@ class StableDiffusion(Architecture):
     denoiser_files = ("model_index.json", "unet/*", "scheduler/*", "vae/config.json")
     # The UNet's config says whether edits need the masked image's latents (an inpainting UNet).
     vae_files = ("model_index.json", "vae/*", "unet/config.json")
-    edits = True
     required_components = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
     # (tokenizer, text encoder) pairs whose embeddings are used, in order.
     text_encoder_pairs: tuple[tuple[str, str], ...] = (("tokenizer", "text_encoder"),)
@@ -104,9 +103,6 @@ class StableDiffusion(Architecture):
         self._read_latent_space()
         self.unet = self.layout.load("unet", dtype=self.dtype, device=self.device)
         self.scheduler = self.layout.load("scheduler")
-
-    def denoising_modules(self) -> dict[str, Any]:
-        return {"unet": self.unet}
 
     def _added_conditioning(self, jobs: list[DenoiseJob], guided: bool, per_image) -> dict[str, torch.Tensor] | None:
         """Extra UNet conditioning besides the text's hidden states (SDXL's pooled embedding and size ids)."""
@@ -258,15 +254,7 @@ class StableDiffusion(Architecture):
     # --- VAE stage --------------------------------------------------------------
     def load_vae(self) -> None:
         self._read_latent_space()
-        vae = self.layout.load("vae", dtype=self.dtype, device=self.device)
-        # SDXL's VAE overflows in float16; its config asks to be run in float32.
-        if self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-            vae = vae.to(torch.float32)
-        self.vae = vae
-        self.vae_dtype = next(vae.parameters()).dtype
-
-    def denoising_vae(self) -> dict[str, Any]:
-        return {"vae": self.vae}
+        self._load_vae_module()
 
     @torch.inference_mode()
     def decode(self, latents: np.ndarray) -> np.ndarray:

@@ -40,7 +40,6 @@ class SD3Architecture(Architecture):
     # The VAE's config gives the latent grid's downsampling and the latents' scale and shift.
     denoiser_files = ("model_index.json", "transformer/*", "scheduler/*", "vae/config.json")
     vae_files = ("model_index.json", "vae/*")
-    edits = True
     required_components = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
 
     # T5 tokens encoded: diffusers' default for SD3 (it accepts up to 512).
@@ -188,13 +187,8 @@ class SD3Architecture(Architecture):
     def load_vae(self) -> None:
         from diffusers.image_processor import VaeImageProcessor
 
-        vae = self.layout.load("vae", dtype=self.dtype, device=self.device)
-        # A VAE whose config asks for float32 (force_upcast) overflows in float16.
-        if self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-            vae = vae.to(torch.float32)
-        self.vae = vae
-        self.vae_dtype = next(vae.parameters()).dtype
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._load_vae_module()
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
