@@ -21,7 +21,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_KINDS = ("tiny-sd", "tiny-sdxl", "tiny-sd-inpaint", "tiny-sd3", "tiny-flux-dev", "tiny-flux-schnell")
+TINY_KINDS = (
+    "tiny-sd", "tiny-sdxl", "tiny-sd-inpaint", "tiny-sd3", "tiny-flux-dev", "tiny-flux-schnell",
+    "tiny-qwen-image", "tiny-qwen-image-edit", "tiny-qwen-image-edit-plus",
+)
 
 _TOKENIZER_WINDOW = 77
 _TEXT_HIDDEN = 32
@@ -168,6 +171,8 @@ def build_tiny_pipeline(kind: str = "tiny-sd", seed: int = 0):
         return _tiny_flux(dev=kind == "tiny-flux-dev", seed=seed)
     if kind == "tiny-sd3":
         return build_tiny_sd3(seed)
+    if kind.startswith("tiny-qwen-image"):
+        return build_tiny_qwen_image(kind, seed)
     sdxl = kind == "tiny-sdxl"
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -361,6 +366,145 @@ def build_tiny_sd3(seed: int = 0):
         text_encoder_3=t5,
         tokenizer_3=t5_tokenizer,
     )
+
+
+# --- Qwen-Image, Qwen-Image-Edit and Edit-Plus --------------------------------
+# Qwen2.5-VL's special tokens that the pipelines' prompt templates use: the
+# chat turns, and the vision markers an edit's image is spliced in with.
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+_QWEN_HIDDEN = 32
+
+
+def qwen2_byte_level_tokenizer():
+    """A Qwen2 tokenizer (byte-level BPE) built from an in-memory vocabulary,
+    as transformers 5.x allows: every byte, a few merges of frequent English
+    letter pairs, and Qwen2.5-VL's special tokens as single tokens."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {s: i for i, s in enumerate(_bytes_to_unicode().values())}
+    merges = []
+    for a, b in ("th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "st", "es"):
+        merges.append((a, b))
+        vocab.setdefault(a + b, len(vocab))
+    for token in QWEN_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]), model_max_length=32768)
+
+
+def _qwen2_5_vl_encoder(tokenizer):
+    """Qwen2.5-VL at toy width: a two-layer language model (multimodal RoPE
+    sections summing to half its head size) and a two-block vision tower whose
+    output width is the language model's, with the special-token ids of our
+    tokenizer."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=_QWEN_HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1000000.0},
+            bos_token_id=ids("<|endoftext|>"),
+            eos_token_id=ids("<|im_end|>"),
+            pad_token_id=ids("<|endoftext|>"),
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=_QWEN_HIDDEN,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def _qwen_image_vae():
+    """Qwen-Image's 3-D causal VAE at toy width with the real one's contract:
+    8x spatial downsampling (three downsamples), 16 latent channels, and
+    per-channel latent mean and std (the real model's values)."""
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=16,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=1,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+        latents_mean=list(QWEN_IMAGE_LATENTS_MEAN),
+        latents_std=list(QWEN_IMAGE_LATENTS_STD),
+    )
+
+
+# Qwen-Image's VAE's published per-channel latent statistics.
+QWEN_IMAGE_LATENTS_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)
+QWEN_IMAGE_LATENTS_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)
+
+
+def build_tiny_qwen_image(kind: str = "tiny-qwen-image", seed: int = 0):
+    """A tiny QwenImagePipeline, QwenImageEditPipeline or
+    QwenImageEditPlusPipeline: Qwen2.5-VL text encoder, the MMDiT (2x2
+    packed 16-channel latents), the 3-D VAE, and the real scheduler config
+    (dynamic shifting by image token count, exponential time shift)."""
+    import torch
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPipeline,
+        QwenImageEditPlusPipeline,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = qwen2_byte_level_tokenizer()
+    text_encoder = _qwen2_5_vl_encoder(tokenizer)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16 * 4,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=_QWEN_HIDDEN,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+        # Edit-Plus (2509): reference tokens get their own zero-timestep conditioning.
+        zero_cond_t=kind == "tiny-qwen-image-edit-plus",
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        time_shift_type="exponential",
+        invert_sigmas=False,
+        shift_terminal=0.02,
+    )
+    components = dict(scheduler=scheduler, vae=_qwen_image_vae(), text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    if kind == "tiny-qwen-image":
+        return QwenImagePipeline(**components)
+    # The edit pipelines' processor (Qwen2VLProcessor) needs torchvision; the
+    # tiny model is written without it and the architecture drives the
+    # tokenizer and the slow image processor itself (serve_app.pipeline.architectures.qwen_image).
+    edit_class = QwenImageEditPlusPipeline if kind == "tiny-qwen-image-edit-plus" else QwenImageEditPipeline
+    return edit_class(processor=None, **components)
 
 
 def save_tiny_pipeline(target: str | os.PathLike, kind: str = "tiny-sd", seed: int = 0) -> Path:

@@ -47,7 +47,7 @@ def client(tmp_path_factory, tiny_model_dir):
         yield c
 
 
-GENERATORS = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux-dev", "tiny-flux-schnell"]
+GENERATORS = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux-dev", "tiny-flux-schnell", "tiny-qwen-image"]
 
 
 def decode(b64: str) -> np.ndarray:
