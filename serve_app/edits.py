@@ -21,11 +21,6 @@ from serve_app.errors import invalid_request
 from serve_app.families import FamilyRules, input_image_tokens
 from serve_app.image_inputs import InputImage, read_image, read_mask
 
-# The Stable Diffusion architectures served today edit one image and take no
-# reference images; architectures that do (Kontext, Qwen-Image-Edit-Plus,
-# FLUX.2) will say how many they take.
-MAX_EDITED_IMAGES = 1
-
 
 @dataclass
 class EditSource:
@@ -48,6 +43,11 @@ class EditPlan:
     feather_px: int
     image_tokens: int = 0
     input_sizes: list[tuple[int, int]] = field(default_factory=list)
+    # Every input image's RGB pixels as sent, for architectures that take
+    # them whole (references, a vision-language text encoder); how many a
+    # model takes is its architecture's rule, checked where the graph learns it.
+    images: list[np.ndarray] = field(default_factory=list)
+    image_param: str = "image"  # the parameter the images came in, for errors
 
 
 @dataclass
@@ -67,12 +67,6 @@ def decode_inputs(source: EditSource, model: ModelEntry, rules: FamilyRules, max
     if len(source.images) > edits.max_images:
         raise invalid_request(
             f"Model '{model.id}' takes at most {edits.max_images} input image(s); got {len(source.images)}.",
-            source.images[0][0],
-            "too_many_images",
-        )
-    if len(source.images) > MAX_EDITED_IMAGES:
-        raise invalid_request(
-            f"Model '{model.id}' edits one image at a time and cannot use reference images; send one image.",
             source.images[0][0],
             "too_many_images",
         )
@@ -135,4 +129,6 @@ def plan_edit(
         feather_px=preset.feather_px,
         image_tokens=sum(input_image_tokens(i.width, i.height, fidelity) for i in inputs.images),
         input_sizes=[(i.width, i.height) for i in inputs.images],
+        images=[np.ascontiguousarray(i.pixels[..., :3]) for i in inputs.images],
+        image_param=source.images[0][0],
     )

@@ -19,7 +19,7 @@ from serve_app.config import ModelEntry, ModelRegistry, PipelineConfig
 from serve_app.edits import DecodedInputs, EditPlan, EditSource, auto_size, decode_inputs, plan_edit
 from serve_app.errors import invalid_request, storage_unavailable
 from serve_app.families import FAMILIES, MAX_PIXELS, GPT_IMAGE_ONLY_PARAMS, FamilyRules, output_tokens
-from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings, edit_steps
+from serve_app.pipeline.types import DenoiseJob, EditInputs, EditLatents, PromptEmbeddings, edit_steps
 from serve_app.protocol import (
     MAX_SEED,
     CompletedEvent,
@@ -290,8 +290,11 @@ def resolve_request(
 class Stages(Protocol):
     """The stage calls a request makes, whatever runs them."""
 
-    async def encode(self, prompt: str, count_prompt: str) -> PromptEmbeddings: ...
-    async def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None) -> EditLatents: ...
+    async def encode(self, prompt: str, count_prompt: str, images: list[np.ndarray] | None = None) -> PromptEmbeddings: ...
+    async def edit_inputs(self) -> EditInputs: ...
+    async def encode_image(
+        self, pixels: np.ndarray, alpha: np.ndarray | None, references: list[np.ndarray] | None = None
+    ) -> EditLatents: ...
     async def denoise(self, job: DenoiseJob) -> np.ndarray: ...
     def denoise_stream(self, job: DenoiseJob, preview_steps: list[int]) -> AsyncIterator[tuple[str, np.ndarray]]: ...
     async def decode(self, latents: np.ndarray) -> np.ndarray: ...
@@ -343,11 +346,23 @@ def _final_spec(r: ResolvedRequest, response_format: str) -> PostProcessSpec:
 
 
 async def _condition(r: ResolvedRequest, stages: Stages) -> tuple[PromptEmbeddings, EditLatents | None]:
-    """Encode the prompt and, for an edit, the input image (concurrently: they run on different stages)."""
+    """Encode the prompt and, for an edit, the input image(s) (concurrently:
+    they run on different stages). The model's architecture says how many
+    images an edit takes and which stages see them as sent."""
     if r.edit is None:
         return await stages.encode(r.prompt, r.user_prompt), None
+    takes = await stages.edit_inputs()
+    images = r.edit.images
+    if len(images) > takes.max_images:
+        message = (
+            f"Model '{r.model.id}' edits one image at a time and cannot use reference images; send one image."
+            if takes.max_images == 1
+            else f"Model '{r.model.id}' takes at most {takes.max_images} input images; got {len(images)}."
+        )
+        raise invalid_request(message, r.edit.image_param, "too_many_images")
     embeddings, latents = await asyncio.gather(
-        stages.encode(r.prompt, r.user_prompt), stages.encode_image(r.edit.pixels, r.edit.alpha)
+        stages.encode(r.prompt, r.user_prompt, images if takes.text_sees_images else None),
+        stages.encode_image(r.edit.pixels, r.edit.alpha, images if takes.references else None),
     )
     return embeddings, latents
 

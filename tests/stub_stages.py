@@ -25,7 +25,7 @@ from serve_app.deployments.denoiser import Denoiser
 from serve_app.deployments.text_encoder import TextEncoder
 from serve_app.deployments.vae_decoder import VaeDecoder
 from serve_app.pipeline.components import PipelineLayout
-from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings
+from serve_app.pipeline.types import DenoiseJob, EditInputs, EditLatents, PromptEmbeddings
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -35,7 +35,7 @@ SCALE = 8
 
 
 class SleepyEncoder:
-    def encode(self, prompt: str, negative_prompt: str = "", count_prompt: str | None = None) -> PromptEmbeddings:
+    def encode(self, prompt: str, negative_prompt: str = "", count_prompt: str | None = None, images=None) -> PromptEmbeddings:
         rng = np.random.default_rng(zlib.crc32(prompt.encode()))
         embeds = rng.standard_normal((1, 8, 16), dtype=np.float32)
         return PromptEmbeddings(
@@ -44,6 +44,9 @@ class SleepyEncoder:
             token_count=len((count_prompt if count_prompt is not None else prompt).split()),
             encoded_prompt=prompt,
         )
+
+    def edit_inputs(self) -> EditInputs:
+        return EditInputs()
 
     def probe(self) -> bool:
         return True
@@ -89,7 +92,7 @@ class SleepyDecoder:
         time.sleep(self.batch_s)
         return [self.decode(latents) for latents in batch]
 
-    def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None = None) -> EditLatents:
+    def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None = None, references=None) -> EditLatents:
         """The VAE encoder's stand-in: latents of the real shape, derived from the pixels."""
         h, w = pixels.shape[0] // SCALE, pixels.shape[1] // SCALE
         mean = np.broadcast_to(pixels[::SCALE, ::SCALE, :1].transpose(2, 0, 1) / 255.0, (LATENT_CHANNELS, h, w))

@@ -22,7 +22,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from serve_app.errors import invalid_request, server_overloaded, stage_unavailable
 from serve_app.generation import PostProcessSpec
-from serve_app.pipeline.types import DenoiseJob, EditLatents, EditsUnsupported, PromptEmbeddings
+from serve_app.pipeline.types import DenoiseJob, EditInputs, EditLatents, EditsUnsupported, PromptEmbeddings
 
 logger = logging.getLogger("serve_app")
 
@@ -73,14 +73,25 @@ class HandleStages:
 
     def __init__(self, text_encoder: Any, denoiser: Any, vae_decoder: Any, post_processor: Any):
         self._te, self._dn, self._vae, self._pp = text_encoder, denoiser, vae_decoder, post_processor
+        self._edit_inputs: EditInputs | None = None
 
-    async def encode(self, prompt: str, count_prompt: str) -> PromptEmbeddings:
-        return await call_stage("text encoder", lambda: self._te.encode.remote(prompt, count_prompt), self._left(self._te))
+    async def encode(self, prompt: str, count_prompt: str, images: list[np.ndarray] | None = None) -> PromptEmbeddings:
+        return await call_stage("text encoder", lambda: self._te.encode.remote(prompt, count_prompt, images), self._left(self._te))
 
-    async def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None) -> EditLatents:
+    async def edit_inputs(self) -> EditInputs:
+        # A property of the model's architecture: asked once, from the stage that knows it.
+        if self._edit_inputs is None:
+            self._edit_inputs = await call_stage("text encoder", lambda: self._te.edit_inputs.remote(), self._left(self._te))
+        return self._edit_inputs
+
+    async def encode_image(
+        self, pixels: np.ndarray, alpha: np.ndarray | None, references: list[np.ndarray] | None = None
+    ) -> EditLatents:
         # The VAE encoder lives in the VAE decoder's replica (it loads the whole VAE).
         try:
-            return await call_stage("VAE encoder", lambda: self._vae.encode.remote(pixels, alpha), self._left(self._vae))
+            return await call_stage(
+                "VAE encoder", lambda: self._vae.encode.remote(pixels, alpha, references), self._left(self._vae)
+            )
         except EditsUnsupported:
             # Ray re-raises a replica's exception as a subclass of its own type.
             raise invalid_request(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from serve_app.deployments.replica import ModelStage
 from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.encoders import PromptEncoder
-from serve_app.pipeline.types import PromptEmbeddings
+from serve_app.pipeline.types import EditInputs, PromptEmbeddings
 
 
 class TextEncoder(ModelStage):
@@ -16,10 +17,15 @@ class TextEncoder(ModelStage):
     def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
         self.encoder = PromptEncoder(layout, device, dtype)
 
-    async def encode(self, prompt: str, count_prompt: str | None = None) -> PromptEmbeddings:
+    async def encode(self, prompt: str, count_prompt: str | None = None, images: list[np.ndarray] | None = None) -> PromptEmbeddings:
         # Computes on the event-loop thread, as the other model stages do (see replica.use_torch_threads).
         self.ready()
-        return self.encoder.encode(prompt, count_prompt=count_prompt)
+        return self.encoder.encode(prompt, count_prompt=count_prompt, images=images)
+
+    async def edit_inputs(self) -> EditInputs:
+        """What this model's edits take (its architecture's rule), for the ingress."""
+        self.ready()
+        return self.encoder.edit_inputs()
 
     def probe(self) -> bool:
         return self.encoder.probe()

@@ -25,10 +25,12 @@ class VaeDecoder(ModelStage):
         self.ready()
         return await self.batches.run(latents, len(latents))
 
-    async def encode(self, pixels: np.ndarray, alpha: np.ndarray | None = None) -> EditLatents:
+    async def encode(
+        self, pixels: np.ndarray, alpha: np.ndarray | None = None, references: list[np.ndarray] | None = None
+    ) -> EditLatents:
         # Computes on the event-loop thread, as the other model stages do (see replica.use_torch_threads).
         self.ready()
-        return self.decoder.encode_image(pixels, alpha)
+        return self.decoder.encode_image(pixels, alpha, references)
 
     def probe(self) -> bool:
         return self.decoder.probe()

@@ -36,7 +36,11 @@ class LatentDecoder:
         """(n, ...) latents as the denoiser hands them -> (n, H, W, 3) uint8 RGB."""
         return self.arch.decode(latents)
 
-    def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None = None) -> EditLatents:
+    def encode_image(
+        self, pixels: np.ndarray, alpha: np.ndarray | None = None, references: list[np.ndarray] | None = None
+    ) -> EditLatents:
+        if references is not None and self.arch.edit_inputs.references:
+            return self.arch.encode_image(pixels, alpha, references=references)
         return self.arch.encode_image(pixels, alpha)
 
     def probe(self) -> bool:

@@ -507,6 +507,21 @@ def build_tiny_qwen_image(kind: str = "tiny-qwen-image", seed: int = 0):
     return edit_class(processor=None, **components)
 
 
+def _save_qwen2_vl_processor(root: Path, tokenizer) -> None:
+    """The edit pipelines' processor/ folder as a real checkpoint has it (the
+    image processor's config and the tokenizer), listed in model_index.json as
+    ``Qwen2VLProcessor``. Written part by part: transformers' processor
+    object will not build without torchvision (see qwen2_vl_processor)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    Qwen2VLImageProcessorPil().save_pretrained(str(root / "processor"))
+    tokenizer.save_pretrained(str(root / "processor"))
+    index_path = root / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def save_tiny_pipeline(target: str | os.PathLike, kind: str = "tiny-sd", seed: int = 0) -> Path:
     """Build a tiny pipeline and write it to ``target`` in diffusers layout.
 
@@ -522,6 +537,8 @@ def save_tiny_pipeline(target: str | os.PathLike, kind: str = "tiny-sd", seed: i
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
+        if kind.startswith("tiny-qwen-image-edit"):
+            _save_qwen2_vl_processor(tmp, pipe.tokenizer)
         try:
             os.rename(tmp, target)
         except OSError:

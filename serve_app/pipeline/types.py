@@ -32,23 +32,44 @@ class EditsUnsupported(Exception):
     architectures, so that the ingress can catch it without importing torch."""
 
 
+@dataclass(frozen=True)
+class EditInputs:
+    """What an architecture's edits take, as the ingress learns it from the
+    text-encoder stage (torch-free, so the ingress need not import the
+    architectures)."""
+
+    max_images: int = 1  # input images per edit; more is a 400 naming the image parameter
+    # The edit's input images (RGB, as sent) also go to the text stage (a
+    # vision-language encoder: Qwen-Image-Edit).
+    text_sees_images: bool = False
+    # The VAE stage encodes every input image, as sent, into reference
+    # latents (EditLatents.references) instead of the first image at the output size.
+    references: bool = False
+
+
 @dataclass
 class EditLatents:
-    """What the VAE encoder hands the denoiser for an edit of one image.
+    """What the VAE encoder hands the denoiser for an edit.
 
-    The encoder's latent distribution, not a sample of it: sampling draws on
-    each image's seeded generator, and all of a request's randomness is drawn
-    in the denoiser, in the order diffusers' pipelines draw it.
+    Image-to-image and inpainting: the encoder's latent distribution of the
+    image to edit, not a sample of it: sampling draws on each image's seeded
+    generator, and all of a request's randomness is drawn in the denoiser,
+    in the order diffusers' pipelines draw it. Reference edits (Kontext,
+    Qwen-Image-Edit): ``references`` instead, and the edit starts from noise.
     """
 
-    mean: np.ndarray  # (1, C, h, w) float32, unscaled (the VAE's own latent space)
-    std: np.ndarray  # (1, C, h, w) float32
+    mean: np.ndarray | None = None  # (1, C, h, w) float32, unscaled (the VAE's own latent space)
+    std: np.ndarray | None = None  # (1, C, h, w) float32
     # Inpainting: 1 where to repaint, 0 where to keep (diffusers' meaning), at latent size.
     mask: np.ndarray | None = None  # (1, 1, h, w) float32
     # Inpainting UNet (mask and masked image concatenated to its input): the
     # distribution of the image with the repainted region blanked out.
     masked_mean: np.ndarray | None = None
     masked_std: np.ndarray | None = None
+    # Reference edits: each input image's latents as this architecture's VAE
+    # stage produces them (already normalised); the denoiser packs them and
+    # attends to them.
+    references: list[np.ndarray] | None = None
 
     @property
     def inpaint(self) -> bool:
@@ -76,7 +97,11 @@ class DenoiseJob:
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys can run as one batch: same grid, schedule and kind of work."""
-        kind = None if self.edit is None else (self.strength, self.edit.inpaint)
+        kind = None
+        if self.edit is not None:
+            # Reference tokens join the sequence: only equal reference grids stack.
+            refs = None if self.edit.references is None else tuple(r.shape for r in self.edit.references)
+            kind = (self.strength, self.edit.inpaint, refs)
         true_cfg = self.true_cfg_scale if self.embeddings.negative_prompt_embeds is not None else 1.0
         return (self.height, self.width, self.steps, self.guidance, kind, true_cfg)
 

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 from serve_app.pipeline.architectures.base import Architecture
 from serve_app.pipeline.architectures.flux import FluxArchitecture
-from serve_app.pipeline.architectures.qwen_image import QwenImageArchitecture
+from serve_app.pipeline.architectures.qwen_image import (
+    QwenImageArchitecture,
+    QwenImageEditArchitecture,
+    QwenImageEditPlusArchitecture,
+)
 from serve_app.pipeline.architectures.sd import StableDiffusion
 from serve_app.pipeline.architectures.sd3 import SD3Architecture
 from serve_app.pipeline.architectures.sdxl import StableDiffusionXL
 from serve_app.pipeline.components import ModelLayoutError, PipelineLayout
 
 ARCHITECTURES: tuple[type[Architecture], ...] = (
-    StableDiffusion, StableDiffusionXL, SD3Architecture, FluxArchitecture, QwenImageArchitecture,
+    StableDiffusion, StableDiffusionXL, SD3Architecture, FluxArchitecture,
+    QwenImageArchitecture, QwenImageEditArchitecture, QwenImageEditPlusArchitecture,
 )
 
 _BY_CLASS = {name: arch for arch in ARCHITECTURES for name in arch.pipeline_classes}

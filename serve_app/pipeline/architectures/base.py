@@ -22,7 +22,7 @@ import torch
 
 from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.sources import SourceFiles
-from serve_app.pipeline.types import DenoiseJob, EditLatents, EditsUnsupported, PromptEmbeddings
+from serve_app.pipeline.types import DenoiseJob, EditInputs, EditLatents, EditsUnsupported, PromptEmbeddings
 
 Stage = Literal["text_encoder", "denoiser", "vae_decoder"]
 
@@ -37,6 +37,8 @@ class Architecture:
     vae_files: ClassVar[tuple[str, ...]] = ()
     # Components model_index.json must list.
     required_components: ClassVar[tuple[str, ...]] = ()
+    # What its edits take (the ingress asks the text stage for it).
+    edit_inputs: ClassVar[EditInputs] = EditInputs()
 
     def __init__(self, layout: PipelineLayout, device: str = "cpu", dtype: torch.dtype = torch.float32):
         self.layout = layout
@@ -54,12 +56,15 @@ class Architecture:
         """Load the tokenizer(s) and text encoder(s) only."""
         raise NotImplementedError
 
-    def encode(self, prompt: str, negative_prompt: str = "", count_prompt: str | None = None) -> PromptEmbeddings:
+    def encode(
+        self, prompt: str, negative_prompt: str = "", count_prompt: str | None = None, images: list[np.ndarray] | None = None
+    ) -> PromptEmbeddings:
         """Embeddings of one prompt (and, where the architecture uses true
         guidance, of the negative prompt); ``token_count`` counts
         ``count_prompt`` (default ``prompt``) in the model's own tokenizer;
         ``encoded_prompt`` is the prompt as written, cut where the encoder's
-        window ends."""
+        window ends. ``images``: an edit's input images (HxWx3 uint8, as
+        sent), given only where ``edit_inputs.text_sees_images``."""
         raise NotImplementedError
 
     def probe_text(self) -> bool:
@@ -109,9 +114,13 @@ class Architecture:
         """The denoiser's final (or preview) latents -> (n, H, W, 3) uint8 RGB."""
         raise NotImplementedError
 
-    def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None = None) -> EditLatents:
+    def encode_image(
+        self, pixels: np.ndarray, alpha: np.ndarray | None = None, references: list[np.ndarray] | None = None
+    ) -> EditLatents:
         """An edit's input (HxWx3 uint8 at the output size; alpha HxW uint8,
-        0 = edit) -> what the denoiser starts from."""
+        0 = edit) -> what the denoiser starts from. ``references``: every
+        input image as sent (HxWx3 uint8), given only where
+        ``edit_inputs.references``."""
         raise EditsUnsupported(f"{type(self).__name__} does not edit images")
 
     def probe_vae(self) -> bool:

@@ -41,11 +41,13 @@ from typing import ClassVar, Iterator
 
 import numpy as np
 import torch
-from diffusers import QwenImagePipeline
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+from PIL import Image
 
 from serve_app.pipeline.architectures.base import Architecture, kept_text, prompt_embeddings, to_uint8
-from serve_app.pipeline.types import DenoiseJob, PromptEmbeddings
+from serve_app.pipeline.types import DenoiseJob, EditInputs, EditLatents, EditsUnsupported, PromptEmbeddings
 
 # diffusers' QwenImagePipeline default: the text tokens the transformer sees per prompt.
 _MAX_TEXT_TOKENS = 512
@@ -291,3 +293,173 @@ class _Run:
     halves: int  # 2 with true CFG: each row runs with the prompt and the negative prompt
     true_cfg_scale: float
     references: torch.Tensor | None = None  # edits: packed reference-image tokens, per row
+
+
+# --- Qwen-Image-Edit and Edit-Plus ---------------------------------------------
+
+# Both edit pipelines encode each input image at about this many pixels (its
+# aspect kept, sides multiples of 32) in the VAE.
+_VAE_IMAGE_AREA = 1024 * 1024
+
+
+def qwen2_vl_processor(layout, tokenizer):
+    """transformers' own ``Qwen2VLProcessor`` for images and text, without its
+    video processor: that one needs torchvision, which is absent (or does not
+    import against the installed torch) on CPU machines, and an image edit
+    never uses it. The image processor is transformers' PIL one
+    (``Qwen2VLImageProcessorPil``), read from the pipeline's processor/ folder;
+    with torchvision diffusers would load the torchvision one, whose bicubic
+    resize rounds a little differently."""
+    from transformers import Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    class ImageTextQwen2VLProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(layout.root), subfolder="processor")
+    return ImageTextQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+class QwenImageEditArchitecture(QwenImageArchitecture):
+    """Qwen-Image-Edit (``QwenImageEditPipeline``): the input image goes to
+    the Qwen2.5-VL text encoder (at the VAE's size) and, through the VAE, to
+    the denoiser as reference tokens appended to the image sequence; the edit
+    starts from noise, so ``strength`` does not apply. Whole-image edits
+    only: a mask is refused (Qwen-Image-Edit-Inpaint is a different pipeline)."""
+
+    pipeline_classes: ClassVar[tuple[str, ...]] = ("QwenImageEditPipeline",)
+    text_files: ClassVar[tuple[str, ...]] = ("model_index.json", "tokenizer/*", "text_encoder/*", "processor/*")
+    required_components: ClassVar[tuple[str, ...]] = QwenImageArchitecture.required_components + ("processor",)
+    edit_inputs: ClassVar[EditInputs] = EditInputs(max_images=1, text_sees_images=True, references=True)
+    diffusers_pipeline: ClassVar[type] = QwenImageEditPipeline
+    # Pixels of each image the text encoder sees; None: the VAE's size.
+    condition_area: ClassVar[int | None] = None
+
+    def _text_pipeline(self, text_encoder, tokenizer):
+        return self.diffusers_pipeline(
+            scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer,
+            processor=qwen2_vl_processor(self.layout, tokenizer), transformer=None,
+        )
+
+    def load_text(self) -> None:
+        super().load_text()
+        # The edit pipelines do not cut the embeddings to a window.
+        self.prompt_window = self.text_pipe.tokenizer_max_length
+
+    @staticmethod
+    def _size(area: int, image: Image.Image) -> tuple[int, int]:
+        """(width, height) near ``area`` pixels with the image's aspect, as the edit pipelines compute it."""
+        width, height = calculate_dimensions(area, image.width / image.height)[:2]
+        return width, height
+
+    def _condition_images(self, images: list[np.ndarray]) -> list[Image.Image]:
+        """The images the text encoder sees, resized as the pipeline resizes them."""
+        out = []
+        for pixels in images:
+            image = Image.fromarray(pixels)
+            width, height = self._size(self.condition_area or _VAE_IMAGE_AREA, image)
+            out.append(self.text_pipe.image_processor.resize(image, height, width))
+        return out
+
+    def _embed(self, text: str, images: list[Image.Image] | None = None) -> torch.Tensor:
+        if not images:
+            raise ValueError(f"{type(self).__name__} edits images; it cannot encode a prompt without one")
+        # Edit takes one image, Edit-Plus a list.
+        image = images if self.edit_inputs.max_images > 1 else images[0]
+        embeds, _mask = self.text_pipe.encode_prompt(prompt=text, image=image, device=torch.device(self.device), num_images_per_prompt=1)
+        return embeds
+
+    @torch.inference_mode()
+    def encode(
+        self, prompt: str, negative_prompt: str = "", count_prompt: str | None = None, images: list[np.ndarray] | None = None
+    ) -> PromptEmbeddings:
+        """As Qwen-Image's, with the input images in the prompt (the negative
+        prompt too, as the pipeline encodes it): nothing is cached."""
+        tokenizer = self.text_pipe.tokenizer
+        counted = tokenizer(prompt if count_prompt is None else count_prompt, add_special_tokens=False).input_ids
+        condition = self._condition_images(images or [])
+        return prompt_embeddings(
+            self._embed(prompt, condition), self._embed(negative_prompt, condition), None, None,
+            token_count=len(counted), truncated=False, encoded_prompt=prompt,
+        )
+
+    def probe_text(self) -> bool:
+        e = self.encode("", images=[np.full((64, 64, 3), 128, np.uint8)])
+        return bool(np.isfinite(e.prompt_embeds).all())
+
+    # --- denoiser stage -------------------------------------------------------
+    def _model_input(self, latents: torch.Tensor, run: "_Run") -> torch.Tensor:
+        return torch.cat([latents, run.references], dim=1)
+
+    def _prepare(self, jobs: list[DenoiseJob]) -> "_Run":
+        first = jobs[0]
+        if first.edit is None or first.edit.references is None:
+            raise ValueError(f"{type(self).__name__} edits images; it cannot generate from text alone")
+        h, w = self._grid(first.height, first.width)
+        seeds = [s for j in jobs for s in j.seeds]
+        halves = 2 if first.guidance > 1 and first.embeddings.negative_prompt_embeds is not None else 1
+        embeds, mask = self._text(jobs, halves)
+        # Each job's reference images, packed and side by side in the
+        # sequence, once per image of the job (jobs of one batch have equal grids).
+        rows = []
+        for job in jobs:
+            packed = [self._pack(torch.from_numpy(ref)) for ref in job.edit.references]
+            rows += [torch.cat(packed, dim=1)] * len(job.seeds)
+        references = torch.cat(rows).to(self.device, self.dtype)
+        grids = [(1, r.shape[-2] // 2, r.shape[-1] // 2) for r in first.edit.references]
+        # The shift counts the generated image's tokens only, as the pipelines do.
+        scheduler, timesteps = self._schedule(first.steps, (h // 2) * (w // 2))
+        return _Run(
+            scheduler=scheduler,
+            timesteps=timesteps,
+            latents=self._noise(seeds, h, w),
+            embeds=embeds,
+            mask=mask,
+            img_shapes=[[(1, h // 2, w // 2), *grids]] * (len(seeds) * halves),
+            halves=halves,
+            true_cfg_scale=first.guidance,
+            references=references,
+        )
+
+    def _pack(self, latents: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = latents.shape
+        return self.diffusers_pipeline._pack_latents(latents, n, c, h, w)
+
+    # --- VAE stage --------------------------------------------------------------
+    def load_vae(self) -> None:
+        super().load_vae()
+        # diffusers' own image preprocessing and VAE encoding (mode of the
+        # distribution, then normalised per channel), on a pipeline object holding only the VAE.
+        self.vae_pipe = self.diffusers_pipeline(
+            scheduler=None, vae=self.vae, text_encoder=None, tokenizer=None, processor=None, transformer=None
+        )
+
+    @torch.inference_mode()
+    def encode_image(
+        self, pixels: np.ndarray, alpha: np.ndarray | None = None, references: list[np.ndarray] | None = None
+    ) -> EditLatents:
+        """Each input image, as sent, at about a megapixel with its aspect ->
+        its normalised latents (1, 16, h, w): the reference tokens."""
+        if alpha is not None:
+            raise EditsUnsupported(f"{type(self).__name__} edits whole images; a mask is not supported")
+        latents = []
+        for image_pixels in references if references is not None else [pixels]:
+            image = Image.fromarray(image_pixels)
+            width, height = self._size(_VAE_IMAGE_AREA, image)
+            tensor = self.vae_pipe.image_processor.preprocess(image, height, width).unsqueeze(2)
+            z = self.vae_pipe._encode_vae_image(tensor.to(self.device, self.vae_dtype), generator=None)
+            latents.append(z[:, :, 0].float().cpu().numpy())
+        return EditLatents(references=latents)
+
+
+class QwenImageEditPlusArchitecture(QwenImageEditArchitecture):
+    """Qwen-Image-Edit-Plus (``QwenImageEditPlusPipeline``, 2509 and later):
+    several input images, each seen by the text encoder at about 384x384 and
+    appended to the denoiser's sequence at about a megapixel."""
+
+    pipeline_classes: ClassVar[tuple[str, ...]] = ("QwenImageEditPlusPipeline",)
+    # The model card's advice: one to three images work best.
+    edit_inputs: ClassVar[EditInputs] = EditInputs(max_images=3, text_sees_images=True, references=True)
+    diffusers_pipeline: ClassVar[type] = QwenImageEditPlusPipeline
+    condition_area: ClassVar[int | None] = 384 * 384
