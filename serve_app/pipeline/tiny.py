@@ -433,8 +433,10 @@ def _qwen_image_vae():
     per-channel latent mean and std (the real model's values)."""
     from diffusers import AutoencoderKLQwenImage
 
+    # base_dim 4: the edit pipelines encode every input at about a megapixel,
+    # and 3-D convolutions there cost seconds on a CPU even at this width.
     return AutoencoderKLQwenImage(
-        base_dim=8,
+        base_dim=4,
         z_dim=16,
         dim_mult=[1, 2, 4, 4],
         num_res_blocks=1,
