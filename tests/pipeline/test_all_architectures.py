@@ -66,7 +66,7 @@ def test_every_architecture_generates_at_two_sizes_and_streams(client, model):
     assert events[0] == "image_generation.partial_image" and events[-1] == "image_generation.completed", events
 
 
-@pytest.mark.parametrize("model, masked", [("tiny-sd", True), ("tiny-sdxl", True), ("tiny-sd-inpaint", True), ("tiny-sd3", True), ("tiny-sd3", False), ("tiny-flux-dev", False)])
+@pytest.mark.parametrize("model, masked", [("tiny-sd", True), ("tiny-sdxl", True), ("tiny-sd-inpaint", True), ("tiny-sd3", True), ("tiny-sd3", False), ("tiny-flux-dev", False), ("tiny-qwen-image-edit", False)])
 def test_each_edit_model_edits(client, model, masked):
     files = {"image": ("a.png", png(), "image/png")}
     if masked:
@@ -83,3 +83,19 @@ def test_a_masked_edit_the_architecture_cannot_make_is_a_400(client):
     files = {"image": ("a.png", png(), "image/png"), "mask": ("m.png", band_mask()[0], "image/png")}
     resp = client.post(EDITS, files=files, data={"prompt": "a hat", "model": "tiny-flux-dev", "size": "256x256"})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "model", resp.text
+
+
+def test_qwen_image_edit_models_take_their_own_number_of_images(client):
+    """The image limit is the architecture's: Edit takes one, Edit-Plus several; more is a 400 naming the parameter."""
+    two = [("image[]", ("a.png", png(), "image/png")), ("image[]", ("b.png", png(), "image/png"))]
+    data = {"prompt": "a hat", "size": "128x128", "quality": "low"}
+    resp = client.post(EDITS, files=two, data={**data, "model": "tiny-qwen-image-edit-plus"})
+    assert resp.status_code == 200, resp.text
+    assert decode(resp.json()["data"][0]["b64_json"]).shape == (128, 128, 3)
+    resp = client.post(EDITS, files=two, data={**data, "model": "tiny-qwen-image-edit"})
+    error = resp.json()["error"]
+    assert resp.status_code == 400 and (error["param"], error["code"]) == ("image[]", "too_many_images"), resp.text
+    resp = client.post(EDITS, files=two[:1], data={**data, "model": "tiny-sd"})
+    assert resp.status_code == 200, resp.text
+    resp = client.post(EDITS, files=two, data={**data, "model": "tiny-sd"})
+    assert resp.status_code == 400 and "one image at a time" in resp.json()["error"]["message"]
