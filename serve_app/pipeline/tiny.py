@@ -23,7 +23,7 @@ from pathlib import Path
 
 TINY_KINDS = (
     "tiny-sd", "tiny-sdxl", "tiny-sd-inpaint", "tiny-sd3", "tiny-flux-dev", "tiny-flux-schnell",
-    "tiny-qwen-image", "tiny-qwen-image-edit", "tiny-qwen-image-edit-plus",
+    "tiny-qwen-image", "tiny-qwen-image-edit", "tiny-qwen-image-edit-plus", "tiny-z-image",
 )
 
 _TOKENIZER_WINDOW = 77
@@ -173,6 +173,8 @@ def build_tiny_pipeline(kind: str = "tiny-sd", seed: int = 0):
         return build_tiny_sd3(seed)
     if kind.startswith("tiny-qwen-image"):
         return build_tiny_qwen_image(kind, seed)
+    if kind == "tiny-z-image":
+        return build_tiny_z_image(seed)
     sdxl = kind == "tiny-sdxl"
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -378,10 +380,12 @@ QWEN_SPECIAL_TOKENS = (
 _QWEN_HIDDEN = 32
 
 
-def qwen2_byte_level_tokenizer():
+def qwen2_byte_level_tokenizer(special_tokens: tuple[str, ...] = QWEN_SPECIAL_TOKENS, **kwargs):
     """A Qwen2 tokenizer (byte-level BPE) built from an in-memory vocabulary,
     as transformers 5.x allows: every byte, a few merges of frequent English
-    letter pairs, and Qwen2.5-VL's special tokens as single tokens."""
+    letter pairs, and the model's special tokens as single tokens (Qwen2.5-VL's
+    by default; ``special_tokens[0]`` is "<|endoftext|>", the pad token).
+    ``kwargs`` go to the tokenizer (a chat template, the end-of-turn token)."""
     from transformers import Qwen2Tokenizer
 
     vocab = {s: i for i, s in enumerate(_bytes_to_unicode().values())}
@@ -389,9 +393,11 @@ def qwen2_byte_level_tokenizer():
     for a, b in ("th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "st", "es"):
         merges.append((a, b))
         vocab.setdefault(a + b, len(vocab))
-    for token in QWEN_SPECIAL_TOKENS:
+    for token in special_tokens:
         vocab[token] = len(vocab)
-    return Qwen2Tokenizer(vocab=vocab, merges=merges, additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]), model_max_length=32768)
+    return Qwen2Tokenizer(
+        vocab=vocab, merges=merges, additional_special_tokens=list(special_tokens[1:]), model_max_length=32768, **kwargs
+    )
 
 
 def _qwen2_5_vl_encoder(tokenizer):
@@ -507,6 +513,82 @@ def build_tiny_qwen_image(kind: str = "tiny-qwen-image", seed: int = 0):
     # tokenizer and the slow image processor itself (serve_app.pipeline.architectures.qwen_image).
     edit_class = QwenImageEditPlusPipeline if kind == "tiny-qwen-image-edit-plus" else QwenImageEditPipeline
     return edit_class(processor=None, **components)
+
+
+# --- Z-Image -------------------------------------------------------------------
+# Qwen3's chat turns and thinking markers, as single tokens.
+QWEN3_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+# Qwen3's ChatML format, reduced to what ZImagePipeline asks of it (one user
+# turn, the assistant's turn opened, thinking on): the real template also
+# renders system prompts, tools and past reasoning, none of which a prompt
+# reaches. With thinking off Qwen3 writes an empty thinking block.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+_Z_IMAGE_TEXT_HIDDEN = 32
+
+
+def _qwen3_encoder(tokenizer):
+    """Qwen3 at toy width: three layers (Z-Image reads the second-to-last
+    hidden states, so they differ from both the embeddings and the output),
+    grouped-query attention as Qwen3-4B's (2 query heads per key/value head)."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    ids = tokenizer.convert_tokens_to_ids
+    return Qwen3Model(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=_Z_IMAGE_TEXT_HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=2048,
+            bos_token_id=ids("<|endoftext|>"),
+            eos_token_id=ids("<|im_end|>"),
+            pad_token_id=ids("<|endoftext|>"),
+        )
+    )
+
+
+def build_tiny_z_image(seed: int = 0):
+    """A tiny ZImagePipeline: a Qwen3 text encoder with Qwen3's chat template,
+    the single-stream DiT (2x2 patches of 16-channel latents, a noise and a
+    context refiner, 3-axis RoPE), FLUX's VAE shape (8x, 16 channels, scale
+    and shift), and Z-Image-Turbo's scheduler config (static shift 3)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer = qwen2_byte_level_tokenizer(QWEN3_SPECIAL_TOKENS, chat_template=QWEN3_CHAT_TEMPLATE, eos_token="<|im_end|>")
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=_Z_IMAGE_TEXT_HIDDEN,
+        axes_dims=[4, 6, 6],  # sums to the head size, 32 / 2
+        # The real model's RoPE table lengths: caption positions up to 1536,
+        # up to 512 patches a side.
+        axes_lens=[1536, 512, 512],
+    )
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
+        vae=_flux_vae(),
+        text_encoder=_qwen3_encoder(tokenizer),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
 
 
 def _save_qwen2_vl_processor(root: Path, tokenizer) -> None:

@@ -18,11 +18,12 @@ from serve_app.pipeline.architectures.qwen_image import (
 from serve_app.pipeline.architectures.sd import StableDiffusion
 from serve_app.pipeline.architectures.sd3 import SD3Architecture
 from serve_app.pipeline.architectures.sdxl import StableDiffusionXL
+from serve_app.pipeline.architectures.z_image import ZImageArchitecture
 from serve_app.pipeline.components import ModelLayoutError, PipelineLayout
 
 ARCHITECTURES: tuple[type[Architecture], ...] = (
     StableDiffusion, StableDiffusionXL, SD3Architecture, FluxArchitecture,
-    QwenImageArchitecture, QwenImageEditArchitecture, QwenImageEditPlusArchitecture,
+    QwenImageArchitecture, QwenImageEditArchitecture, QwenImageEditPlusArchitecture, ZImageArchitecture,
 )
 
 _BY_CLASS = {name: arch for arch in ARCHITECTURES for name in arch.pipeline_classes}
