@@ -65,7 +65,11 @@ class PipelineConfig(_Strict):
     )
     default_steps: int = Field(default=4, ge=1, le=500, description="Denoising steps per image.")
     default_guidance: float = Field(
-        default=7.5, ge=0.0, le=50.0, description="Classifier-free guidance scale; 1 or less disables guidance."
+        default=7.5,
+        ge=0.0,
+        le=50.0,
+        description="Classifier-free guidance scale as the architecture's diffusers pipeline reads it: "
+        "1 or less disables guidance for most, 0 for Z-Image (README: Architectures).",
     )
     default_size: str = Field(default="512x512", description="Size used when a request says `auto` or names none.")
     sizes: list[str] = Field(

@@ -47,7 +47,7 @@ def client(tmp_path_factory, tiny_model_dir):
         yield c
 
 
-GENERATORS = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux-dev", "tiny-flux-schnell", "tiny-qwen-image"]
+GENERATORS = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux-dev", "tiny-flux-schnell", "tiny-qwen-image", "tiny-z-image"]
 
 
 def decode(b64: str) -> np.ndarray:
@@ -66,7 +66,7 @@ def test_every_architecture_generates_at_two_sizes_and_streams(client, model):
     assert events[0] == "image_generation.partial_image" and events[-1] == "image_generation.completed", events
 
 
-@pytest.mark.parametrize("model, masked", [("tiny-sd", True), ("tiny-sdxl", True), ("tiny-sd-inpaint", True), ("tiny-sd3", True), ("tiny-sd3", False), ("tiny-flux-dev", False), ("tiny-qwen-image-edit", False)])
+@pytest.mark.parametrize("model, masked", [("tiny-sd", True), ("tiny-sdxl", True), ("tiny-sd-inpaint", True), ("tiny-sd3", True), ("tiny-sd3", False), ("tiny-flux-dev", False), ("tiny-qwen-image-edit", False), ("tiny-z-image", True), ("tiny-z-image", False)])
 def test_each_edit_model_edits(client, model, masked):
     files = {"image": ("a.png", png(), "image/png")}
     if masked:
