@@ -135,6 +135,10 @@ def test_previews_come_before_final_and_approach_it(stages):
     distances = [np.abs(stages.vae.decode(latents).astype(float) - final).mean() for _, latents in events[:-1]]
     assert distances[0] > distances[1] > 0
 
+    # A "step" event after every step: where the stage checks for cancellation.
+    kinds = [k for k, _ in stages.denoiser.denoise([job], {2}, every_step=True)]
+    assert kinds == ["step", "preview", "step", "step", "final"]
+
 
 def test_token_count_and_truncation_keep_the_clients_text(stages):
     text = stages.text
