@@ -39,6 +39,8 @@ The denoising loop is ours rather than the pipeline's ``__call__`` because
 the stage needs per-step control: previews of the clean-image estimate,
 cancellation between steps, and several requests' images in one batch with
 one generator per image. Everything inside a step is diffusers' own code.
+(Modular Diffusers' Z-Image denoise step, ``ZImageDenoiseLoopWrapper``, runs
+the whole loop inside one block call, with no place to yield between steps.)
 """
 
 from __future__ import annotations
