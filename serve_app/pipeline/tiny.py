@@ -21,7 +21,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_KINDS = ("tiny-sd", "tiny-sdxl", "tiny-sd-inpaint", "tiny-sd3", "tiny-flux-dev", "tiny-flux-schnell")
+TINY_KINDS = (
+    "tiny-sd", "tiny-sdxl", "tiny-sd-inpaint", "tiny-sd3",
+    "tiny-flux-dev", "tiny-flux-schnell", "tiny-flux-fill", "tiny-flux-kontext",
+)
 
 _TOKENIZER_WINDOW = 77
 _TEXT_HIDDEN = 32
@@ -165,7 +168,7 @@ def build_tiny_pipeline(kind: str = "tiny-sd", seed: int = 0):
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {TINY_KINDS}")
     if kind.startswith("tiny-flux"):
-        return _tiny_flux(dev=kind == "tiny-flux-dev", seed=seed)
+        return _tiny_flux(kind, seed=seed)
     if kind == "tiny-sd3":
         return build_tiny_sd3(seed)
     sdxl = kind == "tiny-sdxl"
@@ -255,14 +258,29 @@ def _flux_vae():
     )
 
 
-def _tiny_flux(dev: bool, seed: int):
+def _tiny_flux(kind: str, seed: int):
     """FLUX.1 [dev] (guidance-distilled: a guidance embedding, shift 3 scaled
     by the image's token count) or [schnell] (no guidance input, a fixed
-    schedule: shift 1, no dynamic shifting), with the real schedulers' configs."""
+    schedule: shift 1, no dynamic shifting), with the real schedulers' configs.
+    The edit models are [dev]'s shape: Fill's transformer also reads the
+    masked image's packed latents (64 channels) and the packed pixel mask
+    (each latent cell's 8x8 pixels in 2x2 patches: 256 channels), 384 in all
+    as in the real FLUX.1-Fill-dev; Kontext's is [dev]'s, the input image's
+    tokens going beside the generated ones."""
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxFillPipeline,
+        FluxKontextPipeline,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    dev = kind != "tiny-flux-schnell"
+    packed = 16 * 4  # 16 latent channels packed in 2x2 patches
+    in_channels = packed + packed + 8 * 8 * 4 if kind == "tiny-flux-fill" else packed
+    pipeline_class = {"tiny-flux-fill": FluxFillPipeline, "tiny-flux-kontext": FluxKontextPipeline}.get(kind, FluxPipeline)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         write_byte_level_tokenizer(Path(tmp))
@@ -272,7 +290,8 @@ def _tiny_flux(dev: bool, seed: int):
     text_encoder_2 = _t5_encoder(len(tokenizer_2), d_model=t5_dim, d_kv=8, num_heads=4)
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=16 * 4,  # 16 latent channels packed in 2x2 patches
+        in_channels=in_channels,
+        out_channels=packed,
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=16,
@@ -291,7 +310,7 @@ def _tiny_flux(dev: bool, seed: int):
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
-    return FluxPipeline(
+    return pipeline_class(
         scheduler=scheduler,
         vae=_flux_vae(),
         text_encoder=CLIPTextModel(_text_encoder_config(len(tokenizer))),

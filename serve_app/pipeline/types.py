@@ -32,6 +32,12 @@ class EditsUnsupported(Exception):
     architectures, so that the ingress can catch it without importing torch."""
 
 
+class NeedsInputImage(Exception):
+    """The model only edits (an inpainting UNet, FLUX.1 Fill): the denoiser
+    refuses a job without an input image before it joins a batch, so that it
+    fails alone; the ingress answers 400 naming the model."""
+
+
 @dataclass
 class EditLatents:
     """What the VAE encoder hands the denoiser for an edit of one image.
@@ -43,16 +49,28 @@ class EditLatents:
 
     mean: np.ndarray  # (1, C, h, w) float32, unscaled (the VAE's own latent space)
     std: np.ndarray  # (1, C, h, w) float32
-    # Inpainting: 1 where to repaint, 0 where to keep (diffusers' meaning), at latent size.
-    mask: np.ndarray | None = None  # (1, 1, h, w) float32
-    # Inpainting UNet (mask and masked image concatenated to its input): the
-    # distribution of the image with the repainted region blanked out.
+    # Inpainting: 1 where to repaint, 0 where to keep (diffusers' meaning), at
+    # latent size: (1, 1, h, w) float32; for FLUX.1 Fill, whose transformer
+    # reads the mask at pixel resolution, (1, 64, h, w): each latent cell's
+    # 8x8 pixels as channels.
+    mask: np.ndarray | None = None
+    # Inpainting UNet, FLUX.1 Fill (mask and masked image given to the network
+    # as extra input channels): the distribution of the image with the
+    # repainted region blanked out.
     masked_mean: np.ndarray | None = None
     masked_std: np.ndarray | None = None
+    # Reference images (FLUX.1 Kontext): each one's latents as the VAE stage
+    # makes them for the architecture, already normalised, (1, C, h, w)
+    # float32. The denoiser packs them into extra tokens beside the generated
+    # ones; such edits start from noise (``mean``/``std`` go unused).
+    references: list[np.ndarray] | None = None
 
     @property
     def inpaint(self) -> bool:
         return self.mask is not None
+
+    def reference_shapes(self) -> tuple:
+        return tuple(r.shape for r in self.references or ())
 
 
 @dataclass
@@ -76,7 +94,7 @@ class DenoiseJob:
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys can run as one batch: same grid, schedule and kind of work."""
-        kind = None if self.edit is None else (self.strength, self.edit.inpaint)
+        kind = None if self.edit is None else (self.strength, self.edit.inpaint, self.edit.reference_shapes())
         true_cfg = self.true_cfg_scale if self.embeddings.negative_prompt_embeds is not None else 1.0
         return (self.height, self.width, self.steps, self.guidance, kind, true_cfg)
 

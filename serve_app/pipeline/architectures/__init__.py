@@ -9,13 +9,15 @@ tiny builder in :mod:`serve_app.pipeline.tiny`, its tests, and one line in
 from __future__ import annotations
 
 from serve_app.pipeline.architectures.base import Architecture
-from serve_app.pipeline.architectures.flux import FluxArchitecture
+from serve_app.pipeline.architectures.flux import FluxArchitecture, FluxFillArchitecture, FluxKontextArchitecture
 from serve_app.pipeline.architectures.sd import StableDiffusion
 from serve_app.pipeline.architectures.sd3 import SD3Architecture
 from serve_app.pipeline.architectures.sdxl import StableDiffusionXL
 from serve_app.pipeline.components import ModelLayoutError, PipelineLayout
 
-ARCHITECTURES: tuple[type[Architecture], ...] = (StableDiffusion, StableDiffusionXL, SD3Architecture, FluxArchitecture)
+ARCHITECTURES: tuple[type[Architecture], ...] = (
+    StableDiffusion, StableDiffusionXL, SD3Architecture, FluxArchitecture, FluxFillArchitecture, FluxKontextArchitecture,
+)
 
 _BY_CLASS = {name: arch for arch in ARCHITECTURES for name in arch.pipeline_classes}
 
