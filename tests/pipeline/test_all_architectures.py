@@ -47,7 +47,7 @@ def client(tmp_path_factory, tiny_model_dir):
         yield c
 
 
-GENERATORS = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux-dev", "tiny-flux-schnell"]
+GENERATORS = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux-dev", "tiny-flux-schnell", "tiny-flux-kontext"]
 
 
 def decode(b64: str) -> np.ndarray:
@@ -66,7 +66,7 @@ def test_every_architecture_generates_at_two_sizes_and_streams(client, model):
     assert events[0] == "image_generation.partial_image" and events[-1] == "image_generation.completed", events
 
 
-@pytest.mark.parametrize("model, masked", [("tiny-sd", True), ("tiny-sdxl", True), ("tiny-sd-inpaint", True), ("tiny-sd3", True), ("tiny-sd3", False), ("tiny-flux-dev", False)])
+@pytest.mark.parametrize("model, masked", [("tiny-sd", True), ("tiny-sdxl", True), ("tiny-sd-inpaint", True), ("tiny-sd3", True), ("tiny-sd3", False), ("tiny-flux-dev", False), ("tiny-flux-fill", True), ("tiny-flux-fill", False), ("tiny-flux-kontext", False)])
 def test_each_edit_model_edits(client, model, masked):
     files = {"image": ("a.png", png(), "image/png")}
     if masked:
@@ -79,7 +79,14 @@ def test_each_edit_model_edits(client, model, masked):
         assert np.array_equal(out[keep], np.asarray(Image.open(io.BytesIO(png())).convert("RGB"))[keep])
 
 
-def test_a_masked_edit_the_architecture_cannot_make_is_a_400(client):
+@pytest.mark.parametrize("model", ["tiny-flux-dev", "tiny-flux-kontext"])
+def test_a_masked_edit_the_architecture_cannot_make_is_a_400(client, model):
     files = {"image": ("a.png", png(), "image/png"), "mask": ("m.png", band_mask()[0], "image/png")}
-    resp = client.post(EDITS, files=files, data={"prompt": "a hat", "model": "tiny-flux-dev", "size": "256x256"})
+    resp = client.post(EDITS, files=files, data={"prompt": "a hat", "model": model, "size": "256x256"})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "model", resp.text
+
+
+@pytest.mark.parametrize("model", ["tiny-sd-inpaint", "tiny-flux-fill"])
+def test_text_to_image_on_an_inpainting_only_model_is_a_400(client, model):
+    resp = client.post(GEN, json={"model": model, "prompt": "a red circle", "size": "256x256", "quality": "low"})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "model", resp.text
