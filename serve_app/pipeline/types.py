@@ -40,15 +40,17 @@ class NeedsInputImage(Exception):
 
 @dataclass
 class EditLatents:
-    """What the VAE encoder hands the denoiser for an edit of one image.
+    """What the VAE encoder hands the denoiser for an edit.
 
-    The encoder's latent distribution, not a sample of it: sampling draws on
-    each image's seeded generator, and all of a request's randomness is drawn
-    in the denoiser, in the order diffusers' pipelines draw it.
+    Image-to-image and inpainting: the encoder's latent distribution of the
+    image to edit, not a sample of it: sampling draws on each image's seeded
+    generator, and all of a request's randomness is drawn in the denoiser,
+    in the order diffusers' pipelines draw it. Reference edits (FLUX.1
+    Kontext): ``references`` instead, and the edit starts from noise.
     """
 
-    mean: np.ndarray  # (1, C, h, w) float32, unscaled (the VAE's own latent space)
-    std: np.ndarray  # (1, C, h, w) float32
+    mean: np.ndarray | None = None  # (1, C, h, w) float32, unscaled (the VAE's own latent space)
+    std: np.ndarray | None = None  # (1, C, h, w) float32
     # Inpainting: 1 where to repaint, 0 where to keep (diffusers' meaning), at
     # latent size: (1, 1, h, w) float32; for FLUX.1 Fill, whose transformer
     # reads the mask at pixel resolution, (1, 64, h, w): each latent cell's
@@ -59,18 +61,14 @@ class EditLatents:
     # repainted region blanked out.
     masked_mean: np.ndarray | None = None
     masked_std: np.ndarray | None = None
-    # Reference images (FLUX.1 Kontext): each one's latents as the VAE stage
-    # makes them for the architecture, already normalised, (1, C, h, w)
-    # float32. The denoiser packs them into extra tokens beside the generated
-    # ones; such edits start from noise (``mean``/``std`` go unused).
+    # Reference edits: each input image's latents as this architecture's VAE
+    # stage produces them (already normalised), (1, C, h, w) float32; the
+    # denoiser packs them into extra tokens beside the generated ones.
     references: list[np.ndarray] | None = None
 
     @property
     def inpaint(self) -> bool:
         return self.mask is not None
-
-    def reference_shapes(self) -> tuple:
-        return tuple(r.shape for r in self.references or ())
 
 
 @dataclass
@@ -94,7 +92,11 @@ class DenoiseJob:
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys can run as one batch: same grid, schedule and kind of work."""
-        kind = None if self.edit is None else (self.strength, self.edit.inpaint, self.edit.reference_shapes())
+        kind = None
+        if self.edit is not None:
+            # Reference tokens join the sequence: only equal reference grids stack.
+            refs = None if self.edit.references is None else tuple(r.shape for r in self.edit.references)
+            kind = (self.strength, self.edit.inpaint, refs)
         true_cfg = self.true_cfg_scale if self.embeddings.negative_prompt_embeds is not None else 1.0
         return (self.height, self.width, self.steps, self.guidance, kind, true_cfg)
 

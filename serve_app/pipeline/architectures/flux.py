@@ -426,9 +426,8 @@ class FluxKontextArchitecture(FluxArchitecture):
             raise EditsUnsupported("FLUX.1 Kontext edits the whole image as its prompt says; it takes no mask")
         height, width = pixels.shape[:2]
         self._grid(height, width)
-        mean, std = self._distribution(to_unit_range(pixels))
-        reference = self._normalise(torch.from_numpy(mean)).numpy()
-        return EditLatents(mean=mean, std=std, references=[reference])
+        mean, _ = self._distribution(to_unit_range(pixels))
+        return EditLatents(references=[self._normalise(torch.from_numpy(mean)).numpy()])
 
 
 @dataclass
