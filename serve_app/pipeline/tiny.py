@@ -23,7 +23,7 @@ from pathlib import Path
 
 TINY_KINDS = (
     "tiny-sd", "tiny-sdxl", "tiny-sd-inpaint", "tiny-sd3",
-    "tiny-flux-dev", "tiny-flux-schnell", "tiny-flux-fill", "tiny-flux-kontext",
+    "tiny-flux-dev", "tiny-flux-schnell", "tiny-flux-fill", "tiny-flux-kontext", "tiny-flux2-klein",
 )
 
 _TOKENIZER_WINDOW = 77
@@ -167,6 +167,8 @@ def build_tiny_pipeline(kind: str = "tiny-sd", seed: int = 0):
 
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {TINY_KINDS}")
+    if kind == "tiny-flux2-klein":
+        return build_tiny_flux2_klein(seed)
     if kind.startswith("tiny-flux"):
         return _tiny_flux(kind, seed=seed)
     if kind == "tiny-sd3":
@@ -318,6 +320,103 @@ def _tiny_flux(kind: str, seed: int):
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
         transformer=transformer,
+    )
+
+
+# --- FLUX.2 [klein] ------------------------------------------------------------
+
+# Qwen3's chat template, cut to what Flux2KleinPipeline renders: one user
+# message, the assistant's turn opened, thinking switched off (an empty
+# think block), as Qwen3's own template renders it with enable_thinking=False.
+_QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+# Klein's text window in the tiny model (512 in the real one): every prompt is
+# padded to it and the transformer attends over all of it.
+_QWEN3_WINDOW = 64
+
+
+def qwen3_tokenizer(model_max_length: int = _QWEN3_WINDOW):
+    """A Qwen2 byte-level BPE tokenizer (Qwen3's kind) built from an in-memory
+    vocabulary, as transformers 5.x allows: every byte, a few merges of
+    frequent English pairs, and the special tokens Qwen3's chat template uses."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {symbol: i for i, symbol in enumerate(_bytes_to_unicode().values())}
+    merges = []
+    for a, b in ("th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "st", "es", ("Ġ", "c"), ("Ġ", "a")):
+        merges.append((a, b))
+        vocab.setdefault(a + b, len(vocab))
+    chat_tokens = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    for token in ["<|endoftext|>", *chat_tokens]:
+        vocab[token] = len(vocab)
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=model_max_length,
+        chat_template=_QWEN3_CHAT_TEMPLATE,
+        additional_special_tokens=chat_tokens,
+    )
+
+
+def build_tiny_flux2_klein(seed: int = 0):
+    """A tiny Flux2KleinPipeline: a Qwen3 causal LM whose hidden states after
+    layers 9, 18 and 27 are the text conditioning (28 layers, so that the
+    pipeline's default layers exist), a FLUX.2 transformer, and FLUX.2's VAE
+    (32 latent channels patchified 2x2 to 128, downsampling 8x) with
+    non-trivial batch-norm statistics, so that decoding must apply them.
+    Not distilled (``is_distilled`` false): it runs classifier-free guidance,
+    as [klein]'s base checkpoints do; the distilled ones skip it."""
+    import torch
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = qwen3_tokenizer()
+    hidden = 16
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=32,
+            num_hidden_layers=28,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+        )
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=32,
+        norm_num_groups=4,
+        mid_block_add_attention=False,
+    )
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn_like(vae.bn.running_mean) * 0.5)
+        vae.bn.running_var.copy_(torch.rand_like(vae.bn.running_var) * 2 + 0.25)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=32 * 4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * hidden,  # three hidden layers side by side
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),  # sums to attention_head_dim
+        guidance_embeds=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    return Flux2KleinPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, is_distilled=False
     )
 
 

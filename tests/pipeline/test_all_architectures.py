@@ -47,7 +47,7 @@ def client(tmp_path_factory, tiny_model_dir):
         yield c
 
 
-GENERATORS = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux-dev", "tiny-flux-schnell", "tiny-flux-kontext"]
+GENERATORS = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux-dev", "tiny-flux-schnell", "tiny-flux-kontext", "tiny-flux2-klein"]
 
 
 def decode(b64: str) -> np.ndarray:
@@ -66,7 +66,7 @@ def test_every_architecture_generates_at_two_sizes_and_streams(client, model):
     assert events[0] == "image_generation.partial_image" and events[-1] == "image_generation.completed", events
 
 
-@pytest.mark.parametrize("model, masked", [("tiny-sd", True), ("tiny-sdxl", True), ("tiny-sd-inpaint", True), ("tiny-sd3", True), ("tiny-sd3", False), ("tiny-flux-dev", False), ("tiny-flux-fill", True), ("tiny-flux-fill", False), ("tiny-flux-kontext", False)])
+@pytest.mark.parametrize("model, masked", [("tiny-sd", True), ("tiny-sdxl", True), ("tiny-sd-inpaint", True), ("tiny-sd3", True), ("tiny-sd3", False), ("tiny-flux-dev", False), ("tiny-flux-fill", True), ("tiny-flux-fill", False), ("tiny-flux-kontext", False), ("tiny-flux2-klein", False)])
 def test_each_edit_model_edits(client, model, masked):
     files = {"image": ("a.png", png(), "image/png")}
     if masked:
@@ -79,7 +79,7 @@ def test_each_edit_model_edits(client, model, masked):
         assert np.array_equal(out[keep], np.asarray(Image.open(io.BytesIO(png())).convert("RGB"))[keep])
 
 
-@pytest.mark.parametrize("model", ["tiny-flux-dev", "tiny-flux-kontext"])
+@pytest.mark.parametrize("model", ["tiny-flux-dev", "tiny-flux-kontext", "tiny-flux2-klein"])
 def test_a_masked_edit_the_architecture_cannot_make_is_a_400(client, model):
     files = {"image": ("a.png", png(), "image/png"), "mask": ("m.png", band_mask()[0], "image/png")}
     resp = client.post(EDITS, files=files, data={"prompt": "a hat", "model": model, "size": "256x256"})

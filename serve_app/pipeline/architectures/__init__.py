@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from serve_app.pipeline.architectures.base import Architecture
 from serve_app.pipeline.architectures.flux import FluxArchitecture, FluxFillArchitecture, FluxKontextArchitecture
+from serve_app.pipeline.architectures.flux2 import Flux2KleinArchitecture
 from serve_app.pipeline.architectures.sd import StableDiffusion
 from serve_app.pipeline.architectures.sd3 import SD3Architecture
 from serve_app.pipeline.architectures.sdxl import StableDiffusionXL
 from serve_app.pipeline.components import ModelLayoutError, PipelineLayout
 
 ARCHITECTURES: tuple[type[Architecture], ...] = (
-    StableDiffusion, StableDiffusionXL, SD3Architecture, FluxArchitecture, FluxFillArchitecture, FluxKontextArchitecture,
+    StableDiffusion, StableDiffusionXL, SD3Architecture,
+    FluxArchitecture, FluxFillArchitecture, FluxKontextArchitecture, Flux2KleinArchitecture,
 )
 
 _BY_CLASS = {name: arch for arch in ARCHITECTURES for name in arch.pipeline_classes}

@@ -191,20 +191,22 @@ class FluxArchitecture(Architecture):
                 latents = run.latents
                 n = latents.shape[0]
                 timestep = (t.expand(n).to(latents.dtype) / 1000).repeat(run.halves)
+                # FLUX.2's transformer has no pooled text input.
+                pooled = {} if run.pooled is None else {"pooled_projections": run.pooled}
                 v = self.transformer(
                     hidden_states=run.model_input(latents),
                     timestep=timestep,
                     guidance=run.guidance,
-                    pooled_projections=run.pooled,
                     encoder_hidden_states=run.embeds,
                     txt_ids=run.text_ids,
                     img_ids=run.image_ids,
                     return_dict=False,
+                    **pooled,
                 )[0]
                 v = v[:, : latents.shape[1]]  # the reference tokens' outputs are not stepped
                 if run.halves == 2:
                     cond, uncond = v.chunk(2)
-                    v = uncond + run.true_cfg_scale * (cond - uncond)
+                    v = uncond + run.cfg_scale * (cond - uncond)
                 preview = None
                 if i in preview_steps and i < steps:
                     # The clean-image estimate of flow matching: x0 = x_t - sigma_t * v.
@@ -298,7 +300,7 @@ class FluxArchitecture(Architecture):
             text_ids=torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype),
             image_ids=image_ids,
             halves=halves,
-            true_cfg_scale=first.true_cfg_scale,
+            cfg_scale=first.true_cfg_scale,
             channel_extra=channel_extra,
             reference_tokens=reference_tokens,
         )
@@ -438,15 +440,15 @@ class _Run:
     timesteps: torch.Tensor
     latents: torch.Tensor  # packed: (images, tokens, 64)
     embeds: torch.Tensor  # T5 sequence, prompts then (true CFG) negative prompts
-    pooled: torch.Tensor  # CLIP pooled, same order
+    pooled: torch.Tensor | None  # CLIP pooled, same order (FLUX.1)
     guidance: torch.Tensor | None  # dev's distilled guidance, one per row
     text_ids: torch.Tensor
     image_ids: torch.Tensor  # the generated tokens', then the reference tokens'
     halves: int  # 2 with true CFG: each row runs with the prompt and the negative prompt
-    true_cfg_scale: float
+    cfg_scale: float  # how the two halves mix: uncond + cfg_scale * (cond - uncond)
     # FLUX.1 Fill: (images, tokens, 320) concatenated to each token's channels.
     channel_extra: torch.Tensor | None = None
-    # FLUX.1 Kontext: (images, reference tokens, 64) after the generated tokens.
+    # FLUX.1 Kontext, FLUX.2: (images, reference tokens, channels) after the generated tokens.
     reference_tokens: torch.Tensor | None = None
 
     def model_input(self, latents: torch.Tensor) -> torch.Tensor:
