@@ -90,3 +90,7 @@ def test_a_masked_edit_the_architecture_cannot_make_is_a_400(client, model):
 def test_text_to_image_on_an_inpainting_only_model_is_a_400(client, model):
     resp = client.post(GEN, json={"model": model, "prompt": "a red circle", "size": "256x256", "quality": "low"})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "model", resp.text
+    # Streamed, the refusal is the stream's error event.
+    resp = client.post(GEN, json={"model": model, "prompt": "a red circle", "size": "256x256", "stream": True})
+    events = [line for line in resp.text.splitlines() if line.startswith(("event: ", "data: "))]
+    assert events[0] == "event: error" and '"param": "model"' in events[1], resp.text
