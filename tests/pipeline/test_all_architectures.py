@@ -94,3 +94,14 @@ def test_text_to_image_on_an_inpainting_only_model_is_a_400(client, model):
     resp = client.post(GEN, json={"model": model, "prompt": "a red circle", "size": "256x256", "stream": True})
     events = [line for line in resp.text.splitlines() if line.startswith(("event: ", "data: "))]
     assert events[0] == "event: error" and '"param": "model"' in events[1], resp.text
+
+
+@pytest.mark.parametrize("model", ["tiny-flux-kontext", "tiny-flux2-klein"])
+def test_a_reference_edit_streams_a_preview_of_every_step_but_the_last(client, model):
+    """A reference edit runs the whole schedule from noise (4 steps here),
+    whatever the edit preset's strength: 3 partial images, then the image."""
+    files = {"image": ("a.png", png(), "image/png")}
+    data = {"prompt": "a hat", "model": model, "size": "256x256", "stream": "true", "partial_images": "3"}
+    resp = client.post(EDITS, files=files, data=data)
+    events = [line.split(": ", 1)[1] for line in resp.text.splitlines() if line.startswith("event: ")]
+    assert events == ["image_edit.partial_image"] * 3 + ["image_edit.completed"], resp.text[:500]

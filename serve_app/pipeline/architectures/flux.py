@@ -45,10 +45,9 @@ from typing import ClassVar, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-
-import torch.nn.functional as F
 
 from serve_app.pipeline.architectures.base import (
     Architecture,
@@ -227,7 +226,7 @@ class FluxArchitecture(Architecture):
         z = FluxPipeline._unpack_latents(latents, job.height, job.width, self.vae_scale_factor)
         return z.float().cpu().numpy()
 
-    def _prepare(self, jobs: list[DenoiseJob]) -> "_Run":
+    def _prepare(self, jobs: list[DenoiseJob]) -> "FluxRun":
         first = jobs[0]
         h, w = self._grid(first.height, first.width)
         shape = (1, self.latent_channels, h, w)
@@ -290,7 +289,7 @@ class FluxArchitecture(Architecture):
                 channel_extra = self._fill_conditioning(jobs, masked)
         latents = self._pack(latents.to(self.device, self.dtype))
 
-        return _Run(
+        return FluxRun(
             scheduler=scheduler,
             timesteps=timesteps,
             latents=latents,
@@ -433,8 +432,8 @@ class FluxKontextArchitecture(FluxArchitecture):
 
 
 @dataclass
-class _Run:
-    """One batch's denoising state."""
+class FluxRun:
+    """One batch's denoising state, shared by the FLUX.1 variants and FLUX.2 (their step loop is one)."""
 
     scheduler: object
     timesteps: torch.Tensor

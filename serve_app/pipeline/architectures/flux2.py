@@ -37,7 +37,7 @@ from diffusers import Flux2KleinPipeline
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
 
 from serve_app.pipeline.architectures.base import kept_text, prompt_embeddings, to_uint8, to_unit_range
-from serve_app.pipeline.architectures.flux import FluxArchitecture, _Run
+from serve_app.pipeline.architectures.flux import FluxArchitecture, FluxRun
 from serve_app.pipeline.types import DenoiseJob, EditLatents, EditsUnsupported, PromptEmbeddings
 
 # Flux2KleinPipeline's text window (its tokenizer_max_length).
@@ -139,7 +139,7 @@ class Flux2KleinArchitecture(FluxArchitecture):
         )[0]
         return bool(torch.isfinite(z).all())
 
-    def _prepare(self, jobs: list[DenoiseJob]) -> _Run:
+    def _prepare(self, jobs: list[DenoiseJob]) -> FluxRun:
         first = jobs[0]
         h, w = self._patch_grid(first.height, first.width)
         shape = (1, self.latent_channels, h, w)
@@ -175,7 +175,7 @@ class Flux2KleinArchitecture(FluxArchitecture):
         if first.edit is not None:
             reference_tokens, reference_ids = self._references(jobs)
             image_ids = torch.cat([image_ids, reference_ids])
-        return _Run(
+        return FluxRun(
             scheduler=scheduler,
             timesteps=timesteps,
             latents=Flux2KleinPipeline._pack_latents(latents),
