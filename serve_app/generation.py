@@ -69,11 +69,6 @@ class ResolvedRequest:
     def size(self) -> str:
         return f"{self.width}x{self.height}"
 
-    @property
-    def denoise_steps(self) -> int:
-        """Steps the denoiser actually runs (an edit runs the last `strength` of the schedule)."""
-        return self.steps if self.edit is None else edit_steps(self.steps, self.edit.strength)
-
 
 def _pick_model(req: _ImageRequest, registry: ModelRegistry) -> ModelEntry:
     if req.model is not None:
@@ -368,7 +363,9 @@ async def _condition(r: ResolvedRequest, stages: Stages) -> tuple[PromptEmbeddin
 
 
 def _job(r: ResolvedRequest, embeddings: PromptEmbeddings, edit: EditLatents | None = None) -> DenoiseJob:
-    strength = r.edit.strength if r.edit is not None else 1.0
+    # A reference edit (FLUX.1 Kontext, FLUX.2) starts from noise and runs
+    # every step: strength 1, whatever the edit preset says.
+    strength = r.edit.strength if r.edit is not None and not (edit is not None and edit.references) else 1.0
     return DenoiseJob(embeddings, r.seeds, r.height, r.width, r.steps, r.guidance, edit=edit, strength=strength)
 
 
@@ -444,7 +441,7 @@ async def generate_stream(
         (EditPartialImageEvent, EditCompletedEvent) if r.events == "image_edit" else (PartialImageEvent, CompletedEvent)
     )
     index = 0
-    async for kind, latents in stages.denoise_stream(job, preview_steps(r.denoise_steps, r.partial_images)):
+    async for kind, latents in stages.denoise_stream(job, preview_steps(edit_steps(job.steps, job.strength), r.partial_images)):
         pixels = await stages.decode(latents)
         if kind == "preview":
             encoded = await asyncio.gather(*(stages.postprocess(pixels[i], preview_spec) for i in range(r.n)))

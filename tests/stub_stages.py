@@ -67,6 +67,9 @@ class SleepyDenoiser:
         time.sleep(self.step_s)
         self.steps_run += 1
 
+    def check(self, job: DenoiseJob) -> None:
+        """The stand-in model runs any job (LatentDenoiser.check refuses some)."""
+
     def denoise_many_steps(self, jobs: list[DenoiseJob]) -> Iterator[list[np.ndarray] | None]:
         for _ in range(max(j.steps for j in jobs)):
             self._step()

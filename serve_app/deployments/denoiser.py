@@ -29,6 +29,7 @@ class Denoiser(ModelStage):
 
     async def denoise(self, job: DenoiseJob) -> np.ndarray:
         self.ready()
+        self.denoiser.check(job)
         return await self.batches.run(job, len(job.seeds))
 
     async def denoise_stream(self, job: DenoiseJob, preview_steps: list[int]) -> AsyncIterator[tuple[str, np.ndarray]]:
@@ -41,6 +42,7 @@ class Denoiser(ModelStage):
         blocks it.
         """
         self.ready()
+        self.denoiser.check(job)
         for kind, latents in self.denoiser.denoise_steps(job, preview_steps):
             yield kind, latents
             if kind == "preview":

@@ -22,7 +22,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from serve_app.errors import invalid_request, server_overloaded, stage_unavailable
 from serve_app.generation import PostProcessSpec
-from serve_app.pipeline.types import DenoiseJob, EditInputs, EditLatents, EditsUnsupported, PromptEmbeddings
+from serve_app.pipeline.types import DenoiseJob, EditInputs, EditLatents, EditsUnsupported, NeedsInputImage, PromptEmbeddings
 
 logger = logging.getLogger("serve_app")
 
@@ -68,6 +68,15 @@ def running_replicas(deployment_status: Any) -> int:
     return sum(n for state, n in deployment_status.replica_states.items() if getattr(state, "value", state) == "RUNNING")
 
 
+def _needs_input_image() -> Exception:
+    # Ray re-raises a replica's exception as a subclass of its own type.
+    return invalid_request(
+        "This model only edits images (an inpainting model): send an image to /v1/images/edits.",
+        "model",
+        "unsupported_model",
+    )
+
+
 class HandleStages:
     """Stages backed by Ray Serve deployment handles."""
 
@@ -102,13 +111,18 @@ class HandleStages:
             ) from None
 
     async def denoise(self, job: DenoiseJob) -> np.ndarray:
-        return await call_stage("denoiser", lambda: self._dn.denoise.remote(job), self._left(self._dn))
+        try:
+            return await call_stage("denoiser", lambda: self._dn.denoise.remote(job), self._left(self._dn))
+        except NeedsInputImage:
+            raise _needs_input_image() from None
 
     async def denoise_stream(self, job: DenoiseJob, preview_steps: list[int]) -> AsyncIterator[tuple[str, np.ndarray]]:
         # Not retried: previews already sent cannot be taken back.
         try:
             async for item in self._dn.options(stream=True).denoise_stream.remote(job, preview_steps):
                 yield item
+        except NeedsInputImage:
+            raise _needs_input_image() from None
         except BackPressureError:
             raise server_overloaded("the denoiser stage") from None
         except REPLICA_GONE as exc:

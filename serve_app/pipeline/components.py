@@ -27,6 +27,8 @@ class PipelineLayout:
     pipeline_class: str
     components: dict[str, tuple[str, str]]  # name -> (library, class)
     force_zeros_for_empty_prompt: bool
+    # FLUX.2 [klein]'s distilled checkpoints: no classifier-free guidance.
+    is_distilled: bool = False
 
     @classmethod
     def read(cls, root: str | Path) -> "PipelineLayout":
@@ -46,6 +48,7 @@ class PipelineLayout:
             pipeline_class=pipeline_class,
             components=components,
             force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
+            is_distilled=bool(index.get("is_distilled", False)),
         )
 
     def component_config(self, name: str) -> dict[str, Any]:

@@ -35,6 +35,12 @@ class LatentDenoiser:
     def steps_for(self, job: DenoiseJob) -> int:
         return self.arch.steps_for(job)
 
+    def check(self, job: DenoiseJob) -> None:
+        """Raise ``NeedsInputImage`` for a job this model cannot run (a text-to-image
+        job on an inpainting-only model); the deployment asks before the job
+        joins a batch, so that it fails alone."""
+        self.arch.check_job(job)
+
     def denoise(self, job: DenoiseJob) -> np.ndarray:
         return self.denoise_many([job])[0]
 
@@ -72,6 +78,8 @@ class LatentDenoiser:
                 yield kind, latents
 
     def _run(self, jobs: list[DenoiseJob], preview_steps: set[int]) -> Iterator[tuple[str, np.ndarray | None]]:
+        for job in jobs:
+            self.check(job)
         started = time.perf_counter()
         for kind, latents in self.arch.denoise(jobs, preview_steps, every_step=True):
             if kind == "step":

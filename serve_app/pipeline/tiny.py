@@ -22,7 +22,8 @@ import tempfile
 from pathlib import Path
 
 TINY_KINDS = (
-    "tiny-sd", "tiny-sdxl", "tiny-sd-inpaint", "tiny-sd3", "tiny-flux-dev", "tiny-flux-schnell",
+    "tiny-sd", "tiny-sdxl", "tiny-sd-inpaint", "tiny-sd3",
+    "tiny-flux-dev", "tiny-flux-schnell", "tiny-flux-fill", "tiny-flux-kontext", "tiny-flux2-klein",
     "tiny-qwen-image", "tiny-qwen-image-edit", "tiny-qwen-image-edit-plus", "tiny-z-image",
 )
 
@@ -167,8 +168,10 @@ def build_tiny_pipeline(kind: str = "tiny-sd", seed: int = 0):
 
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {TINY_KINDS}")
+    if kind == "tiny-flux2-klein":
+        return build_tiny_flux2_klein(seed)
     if kind.startswith("tiny-flux"):
-        return _tiny_flux(dev=kind == "tiny-flux-dev", seed=seed)
+        return _tiny_flux(kind, seed=seed)
     if kind == "tiny-sd3":
         return build_tiny_sd3(seed)
     if kind.startswith("tiny-qwen-image"):
@@ -262,14 +265,29 @@ def _flux_vae():
     )
 
 
-def _tiny_flux(dev: bool, seed: int):
+def _tiny_flux(kind: str, seed: int):
     """FLUX.1 [dev] (guidance-distilled: a guidance embedding, shift 3 scaled
     by the image's token count) or [schnell] (no guidance input, a fixed
-    schedule: shift 1, no dynamic shifting), with the real schedulers' configs."""
+    schedule: shift 1, no dynamic shifting), with the real schedulers' configs.
+    The edit models are [dev]'s shape: Fill's transformer also reads the
+    masked image's packed latents (64 channels) and the packed pixel mask
+    (each latent cell's 8x8 pixels in 2x2 patches: 256 channels), 384 in all
+    as in the real FLUX.1-Fill-dev; Kontext's is [dev]'s, the input image's
+    tokens going beside the generated ones."""
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxFillPipeline,
+        FluxKontextPipeline,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    dev = kind != "tiny-flux-schnell"
+    packed = 16 * 4  # 16 latent channels packed in 2x2 patches
+    in_channels = packed + packed + 8 * 8 * 4 if kind == "tiny-flux-fill" else packed
+    pipeline_class = {"tiny-flux-fill": FluxFillPipeline, "tiny-flux-kontext": FluxKontextPipeline}.get(kind, FluxPipeline)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         write_byte_level_tokenizer(Path(tmp))
@@ -279,7 +297,8 @@ def _tiny_flux(dev: bool, seed: int):
     text_encoder_2 = _t5_encoder(len(tokenizer_2), d_model=t5_dim, d_kv=8, num_heads=4)
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=16 * 4,  # 16 latent channels packed in 2x2 patches
+        in_channels=in_channels,
+        out_channels=packed,
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=16,
@@ -298,7 +317,7 @@ def _tiny_flux(dev: bool, seed: int):
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
-    return FluxPipeline(
+    return pipeline_class(
         scheduler=scheduler,
         vae=_flux_vae(),
         text_encoder=CLIPTextModel(_text_encoder_config(len(tokenizer))),
@@ -306,6 +325,103 @@ def _tiny_flux(dev: bool, seed: int):
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
         transformer=transformer,
+    )
+
+
+# --- FLUX.2 [klein] ------------------------------------------------------------
+
+# Qwen3's chat template, cut to what Flux2KleinPipeline renders: one user
+# message, the assistant's turn opened, thinking switched off (an empty
+# think block), as Qwen3's own template renders it with enable_thinking=False.
+_QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+# Klein's text window in the tiny model (512 in the real one): every prompt is
+# padded to it and the transformer attends over all of it.
+_QWEN3_WINDOW = 64
+
+
+def qwen3_tokenizer(model_max_length: int = _QWEN3_WINDOW):
+    """A Qwen2 byte-level BPE tokenizer (Qwen3's kind) built from an in-memory
+    vocabulary, as transformers 5.x allows: every byte, a few merges of
+    frequent English pairs, and the special tokens Qwen3's chat template uses."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {symbol: i for i, symbol in enumerate(_bytes_to_unicode().values())}
+    merges = []
+    for a, b in ("th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "st", "es", ("Ġ", "c"), ("Ġ", "a")):
+        merges.append((a, b))
+        vocab.setdefault(a + b, len(vocab))
+    chat_tokens = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    for token in ["<|endoftext|>", *chat_tokens]:
+        vocab[token] = len(vocab)
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=model_max_length,
+        chat_template=_QWEN3_CHAT_TEMPLATE,
+        additional_special_tokens=chat_tokens,
+    )
+
+
+def build_tiny_flux2_klein(seed: int = 0):
+    """A tiny Flux2KleinPipeline: a Qwen3 causal LM whose hidden states after
+    layers 9, 18 and 27 are the text conditioning (28 layers, so that the
+    pipeline's default layers exist), a FLUX.2 transformer, and FLUX.2's VAE
+    (32 latent channels patchified 2x2 to 128, downsampling 8x) with
+    non-trivial batch-norm statistics, so that decoding must apply them.
+    Not distilled (``is_distilled`` false): it runs classifier-free guidance,
+    as [klein]'s base checkpoints do; the distilled ones skip it."""
+    import torch
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = qwen3_tokenizer()
+    hidden = 16
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=32,
+            num_hidden_layers=28,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+        )
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=32,
+        norm_num_groups=4,
+        mid_block_add_attention=False,
+    )
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn_like(vae.bn.running_mean) * 0.5)
+        vae.bn.running_var.copy_(torch.rand_like(vae.bn.running_var) * 2 + 0.25)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=32 * 4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * hidden,  # three hidden layers side by side
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),  # sums to attention_head_dim
+        guidance_embeds=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    return Flux2KleinPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, is_distilled=False
     )
 
 

@@ -47,6 +47,12 @@ class EditInputs:
     references: bool = False
 
 
+class NeedsInputImage(Exception):
+    """The model only edits (an inpainting UNet, FLUX.1 Fill): the denoiser
+    refuses a job without an input image before it joins a batch, so that it
+    fails alone; the ingress answers 400 naming the model."""
+
+
 @dataclass
 class EditLatents:
     """What the VAE encoder hands the denoiser for an edit.
@@ -54,21 +60,26 @@ class EditLatents:
     Image-to-image and inpainting: the encoder's latent distribution of the
     image to edit, not a sample of it: sampling draws on each image's seeded
     generator, and all of a request's randomness is drawn in the denoiser,
-    in the order diffusers' pipelines draw it. Reference edits (Kontext,
-    Qwen-Image-Edit): ``references`` instead, and the edit starts from noise.
+    in the order diffusers' pipelines draw it. Reference edits (FLUX.1
+    Kontext, FLUX.2, Qwen-Image-Edit): ``references`` instead, and the edit
+    starts from noise.
     """
 
     mean: np.ndarray | None = None  # (1, C, h, w) float32, unscaled (the VAE's own latent space)
     std: np.ndarray | None = None  # (1, C, h, w) float32
-    # Inpainting: 1 where to repaint, 0 where to keep (diffusers' meaning), at latent size.
-    mask: np.ndarray | None = None  # (1, 1, h, w) float32
-    # Inpainting UNet (mask and masked image concatenated to its input): the
-    # distribution of the image with the repainted region blanked out.
+    # Inpainting: 1 where to repaint, 0 where to keep (diffusers' meaning), at
+    # latent size: (1, 1, h, w) float32; for FLUX.1 Fill, whose transformer
+    # reads the mask at pixel resolution, (1, 64, h, w): each latent cell's
+    # 8x8 pixels as channels.
+    mask: np.ndarray | None = None
+    # Inpainting UNet, FLUX.1 Fill (mask and masked image given to the network
+    # as extra input channels): the distribution of the image with the
+    # repainted region blanked out.
     masked_mean: np.ndarray | None = None
     masked_std: np.ndarray | None = None
     # Reference edits: each input image's latents as this architecture's VAE
-    # stage produces them (already normalised); the denoiser packs them and
-    # attends to them.
+    # stage produces them (already normalised), (1, C, h, w) float32; the
+    # denoiser packs them into extra tokens beside the generated ones.
     references: list[np.ndarray] | None = None
 
     @property

@@ -47,7 +47,10 @@ def client(tmp_path_factory, tiny_model_dir):
         yield c
 
 
-GENERATORS = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux-dev", "tiny-flux-schnell", "tiny-qwen-image", "tiny-z-image"]
+GENERATORS = [
+    "tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux-dev", "tiny-flux-schnell", "tiny-flux-kontext", "tiny-flux2-klein",
+    "tiny-qwen-image", "tiny-z-image",
+]
 
 
 def decode(b64: str) -> np.ndarray:
@@ -66,7 +69,11 @@ def test_every_architecture_generates_at_two_sizes_and_streams(client, model):
     assert events[0] == "image_generation.partial_image" and events[-1] == "image_generation.completed", events
 
 
-@pytest.mark.parametrize("model, masked", [("tiny-sd", True), ("tiny-sdxl", True), ("tiny-sd-inpaint", True), ("tiny-sd3", True), ("tiny-sd3", False), ("tiny-flux-dev", False), ("tiny-qwen-image-edit", False), ("tiny-z-image", True), ("tiny-z-image", False)])
+@pytest.mark.parametrize("model, masked", [
+    ("tiny-sd", True), ("tiny-sdxl", True), ("tiny-sd-inpaint", True), ("tiny-sd3", True), ("tiny-sd3", False),
+    ("tiny-flux-dev", False), ("tiny-flux-fill", True), ("tiny-flux-fill", False), ("tiny-flux-kontext", False),
+    ("tiny-flux2-klein", False), ("tiny-qwen-image-edit", False), ("tiny-z-image", True), ("tiny-z-image", False),
+])
 def test_each_edit_model_edits(client, model, masked):
     files = {"image": ("a.png", png(), "image/png")}
     if masked:
@@ -79,9 +86,10 @@ def test_each_edit_model_edits(client, model, masked):
         assert np.array_equal(out[keep], np.asarray(Image.open(io.BytesIO(png())).convert("RGB"))[keep])
 
 
-def test_a_masked_edit_the_architecture_cannot_make_is_a_400(client):
+@pytest.mark.parametrize("model", ["tiny-flux-dev", "tiny-flux-kontext", "tiny-flux2-klein"])
+def test_a_masked_edit_the_architecture_cannot_make_is_a_400(client, model):
     files = {"image": ("a.png", png(), "image/png"), "mask": ("m.png", band_mask()[0], "image/png")}
-    resp = client.post(EDITS, files=files, data={"prompt": "a hat", "model": "tiny-flux-dev", "size": "256x256"})
+    resp = client.post(EDITS, files=files, data={"prompt": "a hat", "model": model, "size": "256x256"})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "model", resp.text
 
 
@@ -99,3 +107,24 @@ def test_qwen_image_edit_models_take_their_own_number_of_images(client):
     assert resp.status_code == 200, resp.text
     resp = client.post(EDITS, files=two, data={**data, "model": "tiny-sd"})
     assert resp.status_code == 400 and "one image at a time" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("model", ["tiny-sd-inpaint", "tiny-flux-fill"])
+def test_text_to_image_on_an_inpainting_only_model_is_a_400(client, model):
+    resp = client.post(GEN, json={"model": model, "prompt": "a red circle", "size": "256x256", "quality": "low"})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "model", resp.text
+    # Streamed, the refusal is the stream's error event.
+    resp = client.post(GEN, json={"model": model, "prompt": "a red circle", "size": "256x256", "stream": True})
+    events = [line for line in resp.text.splitlines() if line.startswith(("event: ", "data: "))]
+    assert events[0] == "event: error" and '"param": "model"' in events[1], resp.text
+
+
+@pytest.mark.parametrize("model", ["tiny-flux-kontext", "tiny-flux2-klein"])
+def test_a_reference_edit_streams_a_preview_of_every_step_but_the_last(client, model):
+    """A reference edit runs the whole schedule from noise (4 steps here),
+    whatever the edit preset's strength: 3 partial images, then the image."""
+    files = {"image": ("a.png", png(), "image/png")}
+    data = {"prompt": "a hat", "model": model, "size": "256x256", "stream": "true", "partial_images": "3"}
+    resp = client.post(EDITS, files=files, data=data)
+    events = [line.split(": ", 1)[1] for line in resp.text.splitlines() if line.startswith("event: ")]
+    assert events == ["image_edit.partial_image"] * 3 + ["image_edit.completed"], resp.text[:500]

@@ -19,11 +19,11 @@ HEIGHT, WIDTH = 64, 128
 
 
 class Stages:
-    """Three FluxArchitecture instances, each holding only its own stage's components, as three replicas would."""
+    """Three instances of a FLUX architecture, each holding only its own stage's components, as three replicas would."""
 
-    def __init__(self, model_dir):
-        layout = PipelineLayout.read(model_dir)
-        self.text, self.denoiser, self.vae = (FluxArchitecture(layout) for _ in range(3))
+    def __init__(self, model_dir, architecture=FluxArchitecture):
+        self.layout = layout = PipelineLayout.read(model_dir)
+        self.text, self.denoiser, self.vae = (architecture(layout) for _ in range(3))
         self.text.load_text()
         self.denoiser.load_denoiser()
         self.vae.load_vae()

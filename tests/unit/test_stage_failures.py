@@ -140,7 +140,7 @@ def test_an_architecture_that_cannot_edit_is_a_400_on_model():
     from tests.conftest import LocalHandle
 
     class NoEdits:
-        def encode(self, pixels, alpha=None):
+        def encode(self, pixels, alpha=None, references=None):
             raise EditsUnsupported("no")
 
     stages = HandleStages(None, None, LocalHandle(NoEdits()), None)

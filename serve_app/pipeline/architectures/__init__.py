@@ -9,7 +9,8 @@ tiny builder in :mod:`serve_app.pipeline.tiny`, its tests, and one line in
 from __future__ import annotations
 
 from serve_app.pipeline.architectures.base import Architecture
-from serve_app.pipeline.architectures.flux import FluxArchitecture
+from serve_app.pipeline.architectures.flux import FluxArchitecture, FluxFillArchitecture, FluxKontextArchitecture
+from serve_app.pipeline.architectures.flux2 import Flux2KleinArchitecture
 from serve_app.pipeline.architectures.qwen_image import (
     QwenImageArchitecture,
     QwenImageEditArchitecture,
@@ -22,7 +23,8 @@ from serve_app.pipeline.architectures.z_image import ZImageArchitecture
 from serve_app.pipeline.components import ModelLayoutError, PipelineLayout
 
 ARCHITECTURES: tuple[type[Architecture], ...] = (
-    StableDiffusion, StableDiffusionXL, SD3Architecture, FluxArchitecture,
+    StableDiffusion, StableDiffusionXL, SD3Architecture,
+    FluxArchitecture, FluxFillArchitecture, FluxKontextArchitecture, Flux2KleinArchitecture,
     QwenImageArchitecture, QwenImageEditArchitecture, QwenImageEditPlusArchitecture, ZImageArchitecture,
 )
 

@@ -93,6 +93,10 @@ class Architecture:
         """How many steps a job runs (an edit runs only the tail of the schedule)."""
         return job.steps
 
+    def check_job(self, job: DenoiseJob) -> None:
+        """Raise ``NeedsInputImage`` for a job this model cannot run; called
+        per job before it joins a batch, so that it fails alone."""
+
     def probe_denoiser(self) -> bool:
         raise NotImplementedError
 

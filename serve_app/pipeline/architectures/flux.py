@@ -12,6 +12,18 @@
   dynamic shifting off, so ``mu`` changes nothing there).
 - VAE: FLUX's 16-channel VAE, whose latents are shifted as well as scaled.
 
+Edit variants, assembled from the same parts (the loop reads what the VAE
+stage put in ``EditLatents``; the variants differ in what that is):
+- ``FluxPipeline`` / ``FluxImg2ImgPipeline``: image-to-image, the input's
+  latents noised to where the shortened schedule starts.
+- ``FluxFillPipeline`` (FLUX.1 Fill): an inpainting transformer that also
+  reads the masked image's packed latents and the packed pixel mask as
+  extra input channels (``FluxFillPipeline.prepare_mask_latents``). It
+  only edits: a job without an input image is refused (``NeedsInputImage``).
+- ``FluxKontextPipeline`` (FLUX.1 Kontext): the input image's packed
+  latents as extra tokens after the generated ones, with their own image
+  ids (first id 1); generation starts from noise and runs every step.
+
 Guidance. FLUX.1 [dev] is guidance-distilled: the guidance value is an
 input of the transformer (``guidance_embeds`` in its config), not a second
 pass. ``DenoiseJob.guidance`` is that value for dev (diffusers'
@@ -33,11 +45,19 @@ from typing import ClassVar, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-from serve_app.pipeline.architectures.base import Architecture, kept_text, prompt_embeddings, to_uint8, to_unit_range
-from serve_app.pipeline.types import DenoiseJob, EditLatents, EditsUnsupported, PromptEmbeddings
+from serve_app.pipeline.architectures.base import (
+    Architecture,
+    kept_text,
+    prompt_embeddings,
+    repaint_mask,
+    to_uint8,
+    to_unit_range,
+)
+from serve_app.pipeline.types import DenoiseJob, EditLatents, EditsUnsupported, NeedsInputImage, PromptEmbeddings
 
 # diffusers refuses a longer T5 window; FLUX was trained with 512 tokens.
 _MAX_T5_TOKENS = 512
@@ -56,7 +76,6 @@ class FluxArchitecture(Architecture):
     # The VAE's config gives the latent grid and the latent scaling (below).
     denoiser_files: ClassVar[tuple[str, ...]] = ("model_index.json", "transformer/*", "scheduler/*", "vae/config.json")
     vae_files: ClassVar[tuple[str, ...]] = ("model_index.json", "vae/*")
-    edits: ClassVar[bool] = True
     required_components: ClassVar[tuple[str, ...]] = (
         "transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
     )
@@ -128,7 +147,9 @@ class FluxArchitecture(Architecture):
         self.guidance_embeds = bool(self.transformer.config.guidance_embeds)
 
     def steps_for(self, job: DenoiseJob) -> int:
-        return job.steps if job.edit is None else job.steps - edit_start(job.steps, job.strength)
+        if job.edit is None or job.edit.references:
+            return job.steps  # generation, and edits by reference, start from noise
+        return job.steps - edit_start(job.steps, job.strength)
 
     def _grid(self, height: int, width: int) -> tuple[int, int]:
         """The unpacked latent grid. Packing takes 2x2 latent patches, so
@@ -169,19 +190,22 @@ class FluxArchitecture(Architecture):
                 latents = run.latents
                 n = latents.shape[0]
                 timestep = (t.expand(n).to(latents.dtype) / 1000).repeat(run.halves)
+                # FLUX.2's transformer has no pooled text input.
+                pooled = {} if run.pooled is None else {"pooled_projections": run.pooled}
                 v = self.transformer(
-                    hidden_states=latents.repeat(run.halves, 1, 1),
+                    hidden_states=run.model_input(latents),
                     timestep=timestep,
                     guidance=run.guidance,
-                    pooled_projections=run.pooled,
                     encoder_hidden_states=run.embeds,
                     txt_ids=run.text_ids,
                     img_ids=run.image_ids,
                     return_dict=False,
+                    **pooled,
                 )[0]
+                v = v[:, : latents.shape[1]]  # the reference tokens' outputs are not stepped
                 if run.halves == 2:
                     cond, uncond = v.chunk(2)
-                    v = uncond + run.true_cfg_scale * (cond - uncond)
+                    v = uncond + run.cfg_scale * (cond - uncond)
                 preview = None
                 if i in preview_steps and i < steps:
                     # The clean-image estimate of flow matching: x0 = x_t - sigma_t * v.
@@ -202,7 +226,7 @@ class FluxArchitecture(Architecture):
         z = FluxPipeline._unpack_latents(latents, job.height, job.width, self.vae_scale_factor)
         return z.float().cpu().numpy()
 
-    def _prepare(self, jobs: list[DenoiseJob]) -> "_Run":
+    def _prepare(self, jobs: list[DenoiseJob]) -> "FluxRun":
         first = jobs[0]
         h, w = self._grid(first.height, first.width)
         shape = (1, self.latent_channels, h, w)
@@ -227,7 +251,8 @@ class FluxArchitecture(Architecture):
             guidance = torch.full([n * halves], first.guidance, device=self.device, dtype=torch.float32)
 
         # 2. A scheduler of its own per call (schedulers keep per-run state),
-        # its sigmas shifted by mu from the image's token count, as FluxPipeline does.
+        # its sigmas shifted by mu from the generated image's token count
+        # (reference tokens do not count), as FluxPipeline does.
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         config = scheduler.config
         sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / first.steps, first.steps)
@@ -239,24 +264,32 @@ class FluxArchitecture(Architecture):
             config.get("max_shift", 1.15),
         )
         timesteps, _ = retrieve_timesteps(scheduler, first.steps, self.device, sigmas=sigmas, mu=mu)
+        image_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, self.device, self.dtype)
 
         # 3. Initial latents, drawn unpacked on the CPU from each image's own
-        # generator (diffusers' order with a list of generators), then packed.
-        if first.edit is None:
+        # generator (diffusers' order with a list of generators), then packed;
+        # and what an edit adds to the transformer's input.
+        channel_extra = reference_tokens = None
+        if first.edit is None or first.edit.references:
             scheduler.set_begin_index(0)
             noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds]
             latents = torch.cat(noise)
+            if first.edit is not None:
+                reference_tokens, reference_ids = self._references(jobs)
+                image_ids = torch.cat([image_ids, reference_ids])  # dim 0 is the sequence
         else:
             start = edit_start(first.steps, first.strength)
             scheduler.set_begin_index(start * scheduler.order)
             timesteps = timesteps[start * scheduler.order :]
-            image, noise = self._edit_draws(jobs, shape)
-            # FluxImg2ImgPipeline noises the input to where the shortened
-            # schedule starts; with no steps left the input is the result.
+            image, noise, masked = self._edit_draws(jobs, shape)
+            # FluxImg2ImgPipeline and FluxFillPipeline noise the input to where
+            # the shortened schedule starts; with no steps left the input is the result.
             latents = image if len(timesteps) == 0 else scheduler.scale_noise(image, timesteps[:1].repeat(n), noise)
+            if masked is not None:
+                channel_extra = self._fill_conditioning(jobs, masked)
         latents = self._pack(latents.to(self.device, self.dtype))
 
-        return _Run(
+        return FluxRun(
             scheduler=scheduler,
             timesteps=timesteps,
             latents=latents,
@@ -264,30 +297,59 @@ class FluxArchitecture(Architecture):
             pooled=pooled,
             guidance=guidance,
             text_ids=torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype),
-            image_ids=FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, self.device, self.dtype),
+            image_ids=image_ids,
             halves=halves,
-            true_cfg_scale=first.true_cfg_scale,
+            cfg_scale=first.true_cfg_scale,
+            channel_extra=channel_extra,
+            reference_tokens=reference_tokens,
         )
 
-    def _edit_draws(self, jobs: list[DenoiseJob], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each image's sample of the input's latent distribution, then its
-        noise, from its own seeded generator: the draws FluxImg2ImgPipeline
-        makes for one image, so an image depends only on its seed and input.
-        (With several generators diffusers samples the input once, from the
-        first; here every image samples its own.)"""
-        images, noises = [], []
+    def _normalise(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's own latent space -> the transformer's (FLUX shifts, then scales)."""
+        return (latents - self.shift_factor) * self.scaling_factor
+
+    def _edit_draws(self, jobs: list[DenoiseJob], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Each image's sample of the input's latent distribution, its noise
+        and (Fill) its sample of the masked image's, from its own seeded
+        generator: the draws FluxImg2ImgPipeline / FluxFillPipeline make for
+        one image, in their order, so an image depends only on its seed and
+        input. (With several generators diffusers samples the inputs once,
+        from the first; here every image samples its own.)"""
+        images, noises, masked = [], [], []
         for job in jobs:
             e = job.edit
             assert e is not None
-            if e.inpaint:
-                raise ValueError("FLUX.1 inpainting is not supported by this architecture")
-            mean, std = torch.from_numpy(e.mean), torch.from_numpy(e.std)
             for seed in job.seeds:
                 g = torch.Generator("cpu").manual_seed(seed)
-                sample = mean + std * torch.randn(shape, generator=g, dtype=torch.float32)
-                images.append((sample - self.shift_factor) * self.scaling_factor)
+                sample = torch.from_numpy(e.mean) + torch.from_numpy(e.std) * torch.randn(shape, generator=g, dtype=torch.float32)
+                images.append(self._normalise(sample))
                 noises.append(torch.randn(shape, generator=g, dtype=torch.float32))
-        return torch.cat(images), torch.cat(noises)
+                if e.masked_mean is not None:
+                    draw = torch.randn(shape, generator=g, dtype=torch.float32)
+                    masked.append(self._normalise(torch.from_numpy(e.masked_mean) + torch.from_numpy(e.masked_std) * draw))
+        return torch.cat(images), torch.cat(noises), (torch.cat(masked) if masked else None)
+
+    def _fill_conditioning(self, jobs: list[DenoiseJob], masked: torch.Tensor) -> torch.Tensor:
+        """FLUX.1 Fill's extra input channels per token: the masked image's
+        packed latents, then the packed pixel mask, as
+        ``FluxFillPipeline.prepare_mask_latents`` builds them."""
+        masks = [torch.from_numpy(j.edit.mask).repeat_interleave(len(j.seeds), dim=0) for j in jobs]
+        mask = self._pack(torch.cat(masks).to(self.device, self.dtype))
+        return torch.cat([self._pack(masked.to(self.device, self.dtype)), mask], dim=-1)
+
+    def _references(self, jobs: list[DenoiseJob]) -> tuple[torch.Tensor, torch.Tensor]:
+        """FLUX.1 Kontext's reference tokens (each image's own job's input,
+        packed) and their ids: the latent grid's, with the first id 1 where the
+        generated image's is 0, as ``FluxKontextPipeline.prepare_latents``
+        makes them. Kontext takes one reference image."""
+        if any(len(j.edit.references) != 1 for j in jobs):
+            raise ValueError("FLUX.1 Kontext takes one reference image")
+        per_image = [torch.from_numpy(j.edit.references[0]).repeat_interleave(len(j.seeds), dim=0) for j in jobs]
+        references = torch.cat(per_image).to(self.device, self.dtype)
+        n, _, h, w = references.shape
+        ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, self.device, self.dtype)
+        ids[..., 0] = 1
+        return self._pack(references), ids
 
     # --- VAE stage --------------------------------------------------------------
     def load_vae(self) -> None:
@@ -300,17 +362,21 @@ class FluxArchitecture(Architecture):
         z = torch.from_numpy(latents).to(self.device, self.vae_dtype)
         return to_uint8(self.vae.decode(z / self.scaling_factor + self.shift_factor).sample)
 
+    def _distribution(self, image: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """An image's latent distribution in the VAE's own (unshifted, unscaled) space."""
+        dist = self.vae.encode(image.to(self.device, self.vae_dtype)).latent_dist
+        return dist.mean.float().cpu().numpy(), dist.std.float().cpu().numpy()
+
     @torch.inference_mode()
     def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None = None) -> EditLatents:
-        """The input's latent distribution in the VAE's own (unshifted,
-        unscaled) space; the denoiser samples it from each image's seed."""
+        """The input's latent distribution; the denoiser samples it from each image's seed."""
         if alpha is not None:
-            # Masked edits need FLUX.1 Fill (not served yet): refused, not run as a whole-image edit.
+            # Masked edits need FLUX.1 Fill: refused, not run as a whole-image edit.
             raise EditsUnsupported("FLUX.1 edits here are image-to-image only; a mask needs FLUX.1 Fill")
         height, width = pixels.shape[:2]
         self._grid(height, width)  # packing needs sizes that divide by 16
-        dist = self.vae.encode(to_unit_range(pixels).to(self.device, self.vae_dtype)).latent_dist
-        return EditLatents(mean=dist.mean.float().cpu().numpy(), std=dist.std.float().cpu().numpy())
+        mean, std = self._distribution(to_unit_range(pixels))
+        return EditLatents(mean=mean, std=std)
 
     @torch.inference_mode()
     def probe_vae(self) -> bool:
@@ -319,17 +385,75 @@ class FluxArchitecture(Architecture):
         return bool(torch.isfinite(self.vae.decode(z).sample).all())
 
 
+class FluxFillArchitecture(FluxArchitecture):
+    """FLUX.1 Fill: inpainting, the mask and the masked image as extra input channels."""
+
+    pipeline_classes: ClassVar[tuple[str, ...]] = ("FluxFillPipeline",)
+
+    def check_job(self, job: DenoiseJob) -> None:
+        if job.edit is None:
+            raise NeedsInputImage("FLUX.1 Fill inpaints an input image; it cannot generate from text alone")
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None = None) -> EditLatents:
+        """The input's distribution, the masked input's, and the mask at
+        latent size with each cell's 8x8 pixels as channels (the layout
+        ``FluxFillPipeline.prepare_mask_latents`` makes before packing).
+        Without a mask the whole image is repainted: Fill always takes one."""
+        height, width = pixels.shape[:2]
+        self._grid(height, width)
+        if alpha is None:
+            alpha = np.zeros((height, width), np.uint8)
+        image = to_unit_range(pixels)
+        repaint = torch.from_numpy(repaint_mask(alpha))[None, None]
+        mean, std = self._distribution(image)
+        masked_mean, masked_std = self._distribution(image * (1 - repaint))
+        mask = F.pixel_unshuffle(repaint, self.vae_scale_factor)
+        return EditLatents(mean=mean, std=std, mask=mask.numpy(), masked_mean=masked_mean, masked_std=masked_std)
+
+
+class FluxKontextArchitecture(FluxArchitecture):
+    """FLUX.1 Kontext: the input image as extra tokens; without one it generates from text."""
+
+    pipeline_classes: ClassVar[tuple[str, ...]] = ("FluxKontextPipeline",)
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None = None) -> EditLatents:
+        """The input's latents as Kontext reads them: the distribution's mode
+        (``sample_mode="argmax"``, no draw), shifted and scaled. The input
+        comes at the output size, where FluxKontextPipeline would resize it
+        to one of its preferred resolutions."""
+        if alpha is not None:
+            raise EditsUnsupported("FLUX.1 Kontext edits the whole image as its prompt says; it takes no mask")
+        height, width = pixels.shape[:2]
+        self._grid(height, width)
+        mean, _ = self._distribution(to_unit_range(pixels))
+        return EditLatents(references=[self._normalise(torch.from_numpy(mean)).numpy()])
+
+
 @dataclass
-class _Run:
-    """One batch's denoising state."""
+class FluxRun:
+    """One batch's denoising state, shared by the FLUX.1 variants and FLUX.2 (their step loop is one)."""
 
     scheduler: object
     timesteps: torch.Tensor
     latents: torch.Tensor  # packed: (images, tokens, 64)
     embeds: torch.Tensor  # T5 sequence, prompts then (true CFG) negative prompts
-    pooled: torch.Tensor  # CLIP pooled, same order
+    pooled: torch.Tensor | None  # CLIP pooled, same order (FLUX.1)
     guidance: torch.Tensor | None  # dev's distilled guidance, one per row
     text_ids: torch.Tensor
-    image_ids: torch.Tensor
+    image_ids: torch.Tensor  # the generated tokens', then the reference tokens'
     halves: int  # 2 with true CFG: each row runs with the prompt and the negative prompt
-    true_cfg_scale: float
+    cfg_scale: float  # how the two halves mix: uncond + cfg_scale * (cond - uncond)
+    # FLUX.1 Fill: (images, tokens, 320) concatenated to each token's channels.
+    channel_extra: torch.Tensor | None = None
+    # FLUX.1 Kontext, FLUX.2: (images, reference tokens, channels) after the generated tokens.
+    reference_tokens: torch.Tensor | None = None
+
+    def model_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """The transformer's hidden states for this step, per guidance half."""
+        if self.channel_extra is not None:
+            latents = torch.cat([latents, self.channel_extra], dim=2)
+        if self.reference_tokens is not None:
+            latents = torch.cat([latents, self.reference_tokens], dim=1)
+        return latents.repeat(self.halves, 1, 1)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from serve_app.pipeline.architectures.base import Architecture, kept_text, prompt_embeddings, repaint_mask, to_uint8, to_unit_range
-from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings, edit_steps
+from serve_app.pipeline.types import DenoiseJob, EditLatents, NeedsInputImage, PromptEmbeddings, edit_steps
 
 
 class StableDiffusion(Architecture):
@@ -128,6 +128,10 @@ class StableDiffusion(Architecture):
         noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds]
         return torch.cat(noise).to(self.device, self.dtype)
 
+    def check_job(self, job: DenoiseJob) -> None:
+        if job.edit is None and self.inpaint_unet:
+            raise NeedsInputImage("this pipeline's UNet is an inpainting UNet: it edits images and cannot generate from text alone")
+
     def steps_for(self, job: DenoiseJob) -> int:
         return job.steps if job.edit is None else edit_steps(job.steps, job.strength)
 
@@ -193,8 +197,6 @@ class StableDiffusion(Architecture):
         # 3. Initial latents: noise from each image's seed, or for an edit the
         # input's latents noised to where the shortened schedule starts.
         if first.edit is None:
-            if self.inpaint_unet:
-                raise ValueError("this pipeline's UNet is an inpainting UNet: it edits images and cannot generate from text alone")
             seeds = [s for j in jobs for s in j.seeds]
             latents = self.initial_noise(seeds, first.height, first.width) * scheduler.init_noise_sigma
             return cond, added, scheduler, scheduler.timesteps, latents, None
