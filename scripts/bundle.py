@@ -56,7 +56,7 @@ RAY_LEFT_OUT_PREFIXES = ("ray/jars/", "ray/rllib/")
 RAY_LEFT_OUT_SUFFIXES = (".map",)
 
 # The project files a bundle carries besides its wheels: what scripts/gpu_bench runs.
-PROJECT_FILES = ("configs", "scripts/bench.py", "scripts/local_graph.py", "scripts/gpu_bench", "serve_config.yaml")
+PROJECT_FILES = ("configs", "scripts/bench.py", "scripts/local_graph.py", "scripts/peer_server.py", "scripts/gpu_bench", "serve_config.yaml")
 
 
 def log(msg: str) -> None:
@@ -92,24 +92,24 @@ def marker_environment(python: str | None) -> dict[str, str]:
     return env
 
 
-def resolve(project_wheel: Path, flags: list[str], work: Path) -> list[dict]:
+def resolve(requirement: str, flags: list[str], work: Path) -> list[dict]:
     """pip's resolution of the project for the target: its report's ``install`` list (no download)."""
     report = work / "report.json"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed", "--only-binary=:all:",
-         "--report", str(report), "--target", str(work / "unused"), *flags, str(project_wheel)],
+         "--report", str(report), "--target", str(work / "unused"), *flags, requirement],
         check=True,
     )
     return json.loads(report.read_text())["install"]
 
 
-def needed(items: list[dict], root: str, host_has: set[str], env: dict[str, str]) -> list[dict]:
+def needed(items: list[dict], root: str, extras: frozenset[str], host_has: set[str], env: dict[str, str]) -> list[dict]:
     """The resolved packages reachable from the project without passing
     through one the host already has (whose own dependencies the host
     therefore has too)."""
     by_name = {canonicalize_name(i["metadata"]["name"]): i for i in items}
     keep: dict[str, dict] = {}
-    queue: list[tuple[str, frozenset[str]]] = [(root, frozenset())]
+    queue: list[tuple[str, frozenset[str]]] = [(root, extras)]
     seen: set[tuple[str, frozenset[str]]] = set()
     while queue:
         name, extras = queue.pop()
@@ -187,7 +187,7 @@ py="${PYTHON:-python3}"
 if [ "${1:-}" = "--target" ]; then
   "$py" -m pip install --quiet --no-index --no-deps --no-compile --disable-pip-version-check --target "$2" "$here"/wheels/*.whl
 else
-  "$py" -m pip install --quiet --no-index --no-compile --disable-pip-version-check --find-links "$here/wheels" serve-app
+  "$py" -m pip install --quiet --no-index --no-compile --disable-pip-version-check --find-links "$here/wheels" "serve-app[$(cat "$here/extras")]"
 fi
 echo "installed the bundle's $(ls "$here"/wheels | wc -l) wheels"
 """
@@ -207,8 +207,8 @@ def build(args: argparse.Namespace) -> Path:
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), str(ROOT)], check=True)
         project_wheel = next(wheels.glob("serve_app-*.whl"))
         log(f"resolving for {'Python ' + args.python + ' ' + ','.join(args.platform) if args.python else 'this interpreter'}")
-        items = resolve(project_wheel, flags, work)
-        keep = needed(items, "serve-app", host_has, marker_environment(args.python))
+        items = resolve(f"{project_wheel}[{args.extras}]" if args.extras else str(project_wheel), flags, work)
+        keep = needed(items, "serve-app", frozenset(args.extras.split(",")) if args.extras else frozenset(), host_has, marker_environment(args.python))
         deps = [i for i in keep if canonicalize_name(i["metadata"]["name"]) != "serve-app"]
         left = sorted({canonicalize_name(i["metadata"]["name"]) for i in items} - {canonicalize_name(i["metadata"]["name"]) for i in keep})
         log(f"{len(deps)} packages to bundle; {len(left)} left to the host")
@@ -224,6 +224,7 @@ def build(args: argparse.Namespace) -> Path:
             elif src.exists():
                 (bundle / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, bundle / rel)
+        (bundle / "extras").write_text(args.extras)
         (bundle / "install.sh").write_text(INSTALL_SH)
         (bundle / "install.sh").chmod(0o755)
         manifest = {
@@ -266,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="pip platform tags the target accepts (with --python)")
     ap.add_argument("--host-has", nargs="*", default=[], metavar="PACKAGE",
                     help="packages the host already has (names, or @FILE of names): left out, with the dependencies only they need")
+    ap.add_argument("--extras", default="bench", help="the project's extras to include (default: bench, what scripts/gpu_bench needs)")
     ap.add_argument("--out", default=str(ROOT / "dist" / "bundle.tar.xz"))
     ap.add_argument("--xz-level", type=int, default=9, choices=range(10), help="xz preset (9: smallest)")
     ap.add_argument("--max-mib", type=float, default=None, help="fail when the archive is larger")

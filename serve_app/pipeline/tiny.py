@@ -81,6 +81,15 @@ def write_byte_level_tokenizer(folder: Path) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
+def byte_level_clip_tokenizer(model_max_length: int = _TOKENIZER_WINDOW):
+    """The tokenizer :func:`write_byte_level_tokenizer` writes, loaded."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_byte_level_tokenizer(Path(tmp))
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=model_max_length)
+
+
 def _text_encoder_config(vocab_size: int, projection_dim: int = _TEXT_HIDDEN):
     from transformers import CLIPTextConfig
 

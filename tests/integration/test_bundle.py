@@ -1,6 +1,8 @@
-"""scripts/bundle: the offline bundle installs into a fresh virtual
-environment that already has the "host" packages, with no index, and the
-service imports from it.
+"""scripts/bundle and scripts/gpu_bench as a GPU host runs them: the offline
+bundle installs into a fresh virtual environment that already has the
+"host" packages, with no index; the service imports from it; and the GPU
+benchmark runs from it, here on the CPU with a tiny model of the same
+architecture (--device cpu --tiny), so that the one GPU command cannot rot.
 
 The host is simulated: a fresh venv of this Python sees a folder of links
 to the packages named by --host-has (and those packages' own dependencies)
@@ -60,26 +62,24 @@ def link_host_packages(names: set[str], farm: Path) -> None:
             dst.symlink_to(src)
 
 
-def test_bundle_installs_offline_into_a_fresh_venv_and_imports_the_service(tmp_path):
+def test_the_bundle_installs_offline_and_runs_the_gpu_benchmark_on_a_cpu(tmp_path):
     archive = tmp_path / "bundle.tar.xz"
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bundle.py"), "--host-has", *HOST_HAS, "--out", str(archive), "--xz-level", "0"],
         check=True, cwd=tmp_path,
     )
     with tarfile.open(archive) as tar:
-        tar.extractall(tmp_path, filter="data")
-    bundle = tmp_path / "bundle"
-    manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest = json.load(tar.extractfile("bundle/manifest.json"))
     wheels = {w.split("-")[0].lower() for w in manifest["wheels"]}
     # What the host has is left out, with what only it needs (torch's sympy);
-    # what the service needs is in.
-    assert {"ray", "diffusers", "fastapi", "serve_app"} <= wheels
+    # what the service and the benchmark need is in.
+    assert {"ray", "diffusers", "fastapi", "serve_app", "openai"} <= wheels
     assert not wheels & {"torch", "numpy", "transformers", "scipy", "llvmlite", "sympy"}
     assert manifest["ray_left_out"]["bytes"] > 0
 
     # The host's pip and setuptools too: a venv's own (ensurepip's) would
     # shadow the host's, and torch asks for a newer setuptools.
-    host = host_closure([*HOST_HAS, "pip", "setuptools"])
+    host = host_closure([*HOST_HAS, "pip", "setuptools", "psutil"])
     link_host_packages(host, tmp_path / "host-site")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -88,13 +88,26 @@ def test_bundle_installs_offline_into_a_fresh_venv_and_imports_the_service(tmp_p
     (site / "host.pth").write_text(str(tmp_path / "host-site") + "\n")
 
     env = {**os.environ, "PYTHON": str(py), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "", "PIP_CONSTRAINT": "", "PIP_CONFIG_FILE": os.devnull}
-    env.pop("PYTHONPATH", None)
-    subprocess.run([str(bundle / "install.sh")], check=True, env=env, cwd=tmp_path)
+    for name in ("PYTHONPATH", "RAY_ADDRESS"):
+        env.pop(name, None)
+    out = tmp_path / "out"
+    subprocess.run(
+        [str(ROOT / "scripts" / "gpu_bench"), str(out), "--bundle", str(archive), "--device", "cpu", "--tiny", "--quick", "--models", "sdxl"],
+        check=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    summary = json.loads(next(out.glob("bench-*.json")).read_text())
+    assert list(out.glob("bench-*.png")) and (out / "gpu_bench.log").exists()
+    run = summary["models"]["sdxl"]
+    assert run["baseline"]["sequential"]["images_per_s"] > 0 and run["baseline"]["batched"]["batch_size"] == 8
+    assert {c: r["images"] for c, r in run["graph"].items()} == {"c1": 2, "c8": 8, "c32": 32}
+    # Guidance doubles the UNet's batch: 8 images -> 16 rows per call.
+    assert run["baseline"]["denoiser"]["batch"] == 16 and run["baseline"]["denoiser"]["flop_per_call"] > 0
+    assert run["c8_vs_batched"] > 0 and run["c1_latency_ratio"] > 0
 
     probe = (
         "import serve_app, serve_app.app, ray, diffusers, torch, os;"
         "print(serve_app.__file__); print(os.path.isdir(os.path.join(os.path.dirname(ray.__file__), 'jars')))"
     )
-    out = subprocess.run([py, "-c", probe], check=True, env=env, cwd=tmp_path, capture_output=True, text=True).stdout.split()
-    assert out[0].startswith(str(venv)), out  # the bundle's copy, not this checkout's
-    assert out[1] == "False"  # Ray's Java jars were left out
+    found = subprocess.run([py, "-c", probe], check=True, env=env, cwd=tmp_path, capture_output=True, text=True).stdout.split()
+    assert found[0].startswith(str(venv)), found  # the bundle's copy, not this checkout's
+    assert found[1] == "False"  # Ray's Java jars were left out

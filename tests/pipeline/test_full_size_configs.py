@@ -57,3 +57,27 @@ def test_dev_and_schnell_differ_only_where_published():
     sched = [json.loads((p.root / "scheduler" / "scheduler_config.json").read_text()) for p in (dev, schnell)]
     assert (sched[0]["use_dynamic_shifting"], sched[0]["shift"]) == (True, 3.0)
     assert (sched[1]["use_dynamic_shifting"], sched[1]["shift"]) == (False, 1.0)
+
+
+def test_a_random_pipeline_of_a_configs_classes_and_sizes_loads_like_a_checkpoint(tmp_path, tiny_model_dir):
+    """save_random_pipeline (what the GPU benchmark builds its real-size
+    models with) on a tiny model's configs: the same classes and parameter
+    counts, new random weights, offline tokenizers with the config's window,
+    loaded by diffusers' own from_pretrained."""
+    from diffusers import DiffusionPipeline
+
+    from serve_app.pipeline.full_size import parameter_counts, save_random_pipeline
+
+    source = tiny_model_dir("tiny-flux-schnell")
+    target = save_random_pipeline(source, tmp_path / "random", dtype=torch.float16)
+    assert parameter_counts(target) == parameter_counts(source)
+    pipe = DiffusionPipeline.from_pretrained(str(target))
+    original = DiffusionPipeline.from_pretrained(str(source))
+    assert type(pipe) is type(original)
+    from safetensors import safe_open
+
+    with safe_open(str(next((target / "transformer").glob("*.safetensors"))), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # saved in the dtype asked for
+    assert not torch.equal(next(pipe.transformer.parameters()).float(), next(original.transformer.parameters()).float())
+    assert pipe.tokenizer.model_max_length == original.tokenizer.model_max_length
+    assert pipe.tokenizer_2.model_max_length == original.tokenizer_2.model_max_length
