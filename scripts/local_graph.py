@@ -71,7 +71,8 @@ def start_local_graph(args: dict[str, Any], num_cpus: int | None = None) -> str:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     port = free_port()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": a cluster of its own, never one that `ray start` left running here.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     return f"http://127.0.0.1:{port}"

@@ -12,8 +12,6 @@ request runs at a time with every core given to torch, as a single-process
 server does (two pipeline calls at once on the same cores only slow both).
 """
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import base64
@@ -22,9 +20,24 @@ import threading
 import time
 from pathlib import Path
 
+from pydantic import BaseModel
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+class Generate(BaseModel):
+    """The generation parameters the benchmark sends (OpenAI's names; `seed` as the service takes it)."""
+
+    prompt: str
+    model: str | None = None
+    n: int = 1
+    size: str = "512x512"
+    quality: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
 
 
 def build_app(model_dir: str, device: str, dtype: str):
@@ -33,7 +46,6 @@ def build_app(model_dir: str, device: str, dtype: str):
     from diffusers import DiffusionPipeline
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
-    from pydantic import BaseModel
 
     from serve_app.codecs import encode_image
     from serve_app.config import AppConfig
@@ -47,16 +59,6 @@ def build_app(model_dir: str, device: str, dtype: str):
     defaults = {"steps": 4, "guidance": 7.5}
     lock = threading.Lock()
     app = FastAPI()
-
-    class Generate(BaseModel):
-        prompt: str
-        model: str | None = None
-        n: int = 1
-        size: str = "512x512"
-        quality: str | None = None
-        seed: int | None = None
-        steps: int | None = None
-        guidance: float | None = None
 
     def generate(body: Generate) -> list[str]:
         width, height = (int(v) for v in body.size.split("x"))
