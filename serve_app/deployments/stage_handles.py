@@ -30,17 +30,26 @@ T = TypeVar("T")
 REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 
+# How often a retry that has not started yet asks Serve whether any replica
+# of its stage is left (only while a retry waits: retries are rare).
+RETRY_WATCH_S = 1.0
+
+
 async def call_stage(
     stage: str, make_call: Callable[[], Awaitable[T]], replicas_left: Callable[[], Awaitable[int | None]] | None = None
 ) -> T:
     """Run one stage call with the overload and retry rules above.
 
     ``replicas_left`` says how many replicas of the stage still run. When
-    none does (its node went and no node can hold a new one), the retry
-    would wait in Serve's queue until the request's deadline, so the client
-    is told at once instead (503 with Retry-After)."""
+    none does (its node went and no node can hold a new one), a retry would
+    wait in Serve's queue until the request's deadline, so the client is
+    told at once instead (503 with Retry-After). Serve's controller notices
+    a lost node some seconds after the call on it failed, so the retry is
+    watched: once the controller reports no replica left, it is cancelled."""
     for attempt in (1, 2):
         try:
+            if attempt == 2 and replicas_left is not None:
+                return await _watched(stage, make_call, replicas_left)
             return await make_call()
         except BackPressureError:
             raise server_overloaded(f"the {stage} stage") from None
@@ -49,6 +58,22 @@ async def call_stage(
             if attempt == 2 or (replicas_left is not None and await _none_left(stage, replicas_left)):
                 raise stage_unavailable(stage) from exc
     raise AssertionError("unreachable")
+
+
+async def _watched(stage: str, make_call: Callable[[], Awaitable[T]], replicas_left: Callable[[], Awaitable[int | None]]) -> T:
+    async def call() -> T:
+        return await make_call()
+
+    task = asyncio.ensure_future(call())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=RETRY_WATCH_S)
+            if done:
+                return task.result()
+            if await _none_left(stage, replicas_left):
+                raise stage_unavailable(stage)
+    finally:
+        task.cancel()  # no-op when it finished; else Serve drops the queued request
 
 
 async def _none_left(stage: str, replicas_left: Callable[[], Awaitable[int | None]]) -> bool:

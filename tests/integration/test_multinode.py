@@ -143,7 +143,10 @@ def test_losing_a_gpu_node_mid_request(cluster):
     calls that died with it on the other denoiser, so every request is
     answered 200 (or 503 with Retry-After, if a retry met a replica that had
     died too). The lost replica waits for a node that can hold it and comes
-    back when a new GPU-like node joins, as a cloud or KubeRay would add one."""
+    back when a new GPU-like node joins, as a cloud or KubeRay would add one.
+    When the last GPU-like node goes too, what was in flight on it is
+    answered 503 with Retry-After, and so is a new request, until a node
+    that can hold a denoiser joins."""
     victim = next(n for n in cluster.nodes if n.name == "gpu_a")
     http = httpx.Client(headers={"Authorization": f"Bearer {TEST_API_KEY}"}, timeout=60)
 
@@ -153,8 +156,8 @@ def test_losing_a_gpu_node_mid_request(cluster):
 
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(post, i) for i in range(8)]
-        # Each denoiser holds 4 by now, batches of 2, ~1 s a batch.
-        time.sleep(0.7)
+        # Each denoiser holds 4 by now, batches of 2, ~1 s a batch: ~2 s of work each.
+        time.sleep(1.2)
         victim.kill()
         results = [f.result() for f in futures]  # a dropped connection raises here
     statuses = sorted(s for s, _, _ in results)
@@ -171,9 +174,28 @@ def test_losing_a_gpu_node_mid_request(cluster):
     wait_until(lambda: running_on(cluster, DENOISER) == survivor, 30, "the lost denoiser to be noticed")
     assert http.post(f"{cluster.http_url}/v1/images/generations", json=BODY).status_code == 200
 
+    # The last GPU-like node goes too, with requests in flight: no node can
+    # hold a denoiser now. The calls that died with it find no replica to
+    # retry on (once Serve's controller notices the loss) and are answered
+    # 503 with Retry-After, not left waiting in Serve's queue; a new request
+    # is told at once that the model's stage is not ready.
+    last = next(n for n in cluster.nodes if n.name == "gpu_b")
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(post, i) for i in range(8)]
+        time.sleep(1.5)  # 8 requests are ~4 s of work for one denoiser
+        last.kill()
+        results = [f.result() for f in futures]
+    statuses = sorted(s for s, _, _ in results)
+    for status, body, headers in results:
+        assert status in (200, 503), (status, body)
+        if status == 503:
+            assert body["error"]["code"] == "stage_unavailable" and int(headers["retry-after"]) > 0
+    assert 503 in statuses, statuses
+    wait_until(lambda: running_on(cluster, DENOISER) == [], 30, "the last denoiser to be noticed")
+    r = http.post(f"{cluster.http_url}/v1/images/generations", json=BODY)
+    assert r.status_code == 503 and int(r.headers["retry-after"]) > 0, r.text
+
     cluster.add_worker("gpu_c", {"gpu_like": 1}, num_cpus=1)
     cluster.wait_for_nodes(60)
-    wait_until(
-        lambda: running_on(cluster, DENOISER) == node_ids(cluster, "gpu_b", "gpu_c"), 60, "a denoiser on the new node"
-    )
+    wait_until(lambda: running_on(cluster, DENOISER) == node_ids(cluster, "gpu_c"), 60, "a denoiser on the new node")
     assert http.post(f"{cluster.http_url}/v1/images/generations", json=BODY).status_code == 200
