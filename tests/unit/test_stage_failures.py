@@ -134,6 +134,39 @@ def test_no_retry_when_no_replica_is_left():
     assert run(call_stage("denoiser", call, unknown)) == "ok" and len(calls) == 2
 
 
+def test_a_retry_waiting_for_a_replica_is_cancelled_once_none_is_left(monkeypatch):
+    """The controller still counts the lost replica when the first call
+    fails, so the retry is sent; it waits in Serve's queue (no replica to
+    run it) until the controller reports none left: then 503, and the
+    queued retry is cancelled."""
+    import asyncio
+
+    from serve_app.deployments import stage_handles
+
+    monkeypatch.setattr(stage_handles, "RETRY_WATCH_S", 0.02)
+    calls, cancelled = [], []
+
+    async def call():
+        calls.append(1)
+        if len(calls) == 1:
+            raise ActorDiedError()
+        try:
+            await asyncio.sleep(60)  # queued: no replica will ever take it
+        except asyncio.CancelledError:
+            cancelled.append(1)
+            raise
+
+    answers = iter([1, 1, 1, 0])  # asked after the failure, then while the retry waits
+
+    async def left():
+        return next(answers)
+
+    with pytest.raises(OpenAIError) as e:
+        run(asyncio.wait_for(call_stage("denoiser", call, left), 5))
+    assert e.value.status == 503 and e.value.code == "stage_unavailable" and e.value.headers["Retry-After"]
+    assert len(calls) == 2 and cancelled == [1]
+
+
 def test_an_architecture_that_cannot_edit_is_a_400_on_model():
     from serve_app.deployments.stage_handles import HandleStages
     from serve_app.pipeline.types import EditsUnsupported
