@@ -138,6 +138,15 @@ class Architecture:
 EDIT_ALPHA_BELOW = 128
 
 
+def edit_start(steps: int, strength: float) -> int:
+    """Index of the first step a flow-matching edit (SD3, FLUX, Z-Image
+    img2img) runs. Their pipelines' ``get_timesteps`` round ``steps *
+    strength`` down only after subtracting it from ``steps``, where SD
+    1.x/2.x's rounds it first (``serve_app.pipeline.types.edit_steps``), so
+    the two disagree for, say, 4 steps at strength 0.6 (3 steps here, 2 there)."""
+    return int(max(steps - min(steps * strength, steps), 0))
+
+
 def repaint_mask(alpha: np.ndarray) -> np.ndarray:
     """OpenAI's mask alpha (HxW uint8, 0 = edit) -> diffusers' binary mask (1 = repaint), float32."""
     return (alpha < EDIT_ALPHA_BELOW).astype(np.float32)

@@ -51,6 +51,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 
 from serve_app.pipeline.architectures.base import (
     Architecture,
+    edit_start,
     kept_text,
     prompt_embeddings,
     repaint_mask,
@@ -62,12 +63,6 @@ from serve_app.pipeline.types import DenoiseJob, EditLatents, EditsUnsupported, 
 # diffusers refuses a longer T5 window; FLUX was trained with 512 tokens.
 _MAX_T5_TOKENS = 512
 
-
-def edit_start(steps: int, strength: float) -> int:
-    """Index of the first step an edit runs. FLUX's img2img (like SD3's)
-    rounds ``steps * strength`` down only after subtracting it from
-    ``steps``, where SD's rounds it first: 4 steps at 0.6 run 3 here, 2 in SD."""
-    return int(max(steps - min(steps * strength, steps), 0))
 
 
 class FluxArchitecture(Architecture):

@@ -20,17 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serve_app.pipeline.architectures.base import Architecture, kept_text, prompt_embeddings, repaint_mask
+from serve_app.pipeline.architectures.base import Architecture, edit_start, kept_text, prompt_embeddings, repaint_mask
 from serve_app.pipeline.components import ModelLayoutError
 from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings
 
-
-def edit_start(steps: int, strength: float) -> int:
-    """Index of the first step an SD3 edit runs. SD3's ``get_timesteps``
-    truncates after subtracting (``int(steps - steps * strength)``), where
-    SD 1.x/2.x's truncates ``steps * strength`` first, so the two disagree
-    for, say, 4 steps at strength 0.6 (3 steps here, 2 there)."""
-    return int(max(steps - min(steps * strength, steps), 0))
 
 
 class SD3Architecture(Architecture):

@@ -56,13 +56,13 @@ from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_de
 
 from serve_app.pipeline.architectures.base import (
     Architecture,
+    edit_start,
     kept_text,
     prompt_embeddings,
     repaint_mask,
     to_uint8,
     to_unit_range,
 )
-from serve_app.pipeline.architectures.sd3 import edit_start
 from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings
 
 # diffusers' ZImagePipeline default: the tokens of the templated prompt the text encoder reads.
