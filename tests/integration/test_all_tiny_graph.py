@@ -6,14 +6,17 @@ edit model edits (masks composited back, several images for Edit-Plus).
 The graph is the project's builder on the args of
 configs/serve_config.all-tiny.yaml (its stage options: fractional CPUs, one
 torch thread per replica), with the tiny models of the session's
-``tiny_model_dir`` cache. Its cost is one Ray worker process per stage:
-each imports torch, diffusers and transformers (~4.5 s of CPU, ~360 MiB
-unshared memory before any model), so all 13 pipelines at once (39 stage
-replicas and the ingress and post-processor) took 8 minutes to start on the
-2-core machine and held 17 GiB of unshared memory. The registry is
-therefore served in three groups of architectures, one application at a
-time, each built from the same args with the registry cut to that group;
-every id of the registry is in exactly one group (checked below).
+``tiny_model_dir`` cache. Its cost is one Ray worker process per replica,
+each importing torch, diffusers and transformers (~4.5 s of CPU and
+~350 MiB before any model): all 13 pipelines at once (39 stage replicas, the
+ingress, post-processor and sweeper) took 8 minutes to start on the 2-core
+machine and would hold ~14 GiB. So the registry is served in three groups
+of architectures, one application at a time (at most 18 replicas, ~6 GiB),
+each built from the same args with the registry cut to the group; every id
+of the registry is in exactly one group (checked below). Measured on the
+shared 2-core machine: 50-100 s per group, nearly all of it replicas
+starting; the requests take 2 s a group, Qwen-Image-Edit(-Plus) ~20 s (their
+VAE encodes each input image at a megapixel, as diffusers' pipelines do).
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = ROOT / "configs" / "serve_config.all-tiny.yaml"
 APP = "images-all-tiny"
 
-# Each group is one application on the graph at a time (peak: 5 pipelines,
-# 17 replicas). Grouped by family, so that a failure points at one.
+# Each group is one application on the graph at a time (at most 5 pipelines:
+# 18 replicas). Grouped by family, so that a failure points at one.
 GROUPS = {
     "sd": ["tiny-sd", "tiny-sdxl", "tiny-sd-inpaint", "tiny-sd3"],
     "flux": ["tiny-flux-dev", "tiny-flux-schnell", "tiny-flux-fill", "tiny-flux-kontext", "tiny-flux2-klein"],
@@ -129,9 +132,10 @@ def make_image(client, model: str, size: str, **stream):
     model's way. Returns the response (or the event stream) and, for a
     masked edit, (source pixels, mask alpha)."""
     width, height = map(int, size.split("x"))
-    # medium: 4 steps (Z-Image 8), 3 for the masked edits' tail of the schedule:
-    # room for two previews before the last step.
-    common = dict(model=model, prompt="a red circle", size=size, quality="medium", **stream)
+    # Streamed: medium, 4 steps (Z-Image 8), room for two previews before the
+    # last step (masked edits repaint the whole schedule). Otherwise low, 2 steps.
+    quality = "medium" if stream else "low"
+    common = dict(model=model, prompt="a red circle", size=size, quality=quality, **stream)
     if model not in EDITS:
         return client.images.generate(**common), None
     how, count = EDITS[model]
