@@ -19,7 +19,7 @@ from serve_app.config import ModelEntry, ModelRegistry, PipelineConfig
 from serve_app.edits import DecodedInputs, EditPlan, EditSource, auto_size, decode_inputs, plan_edit
 from serve_app.errors import invalid_request, storage_unavailable
 from serve_app.families import FAMILIES, MAX_PIXELS, GPT_IMAGE_ONLY_PARAMS, FamilyRules, output_tokens
-from serve_app.pipeline.types import DenoiseJob, EditInputs, EditLatents, PromptEmbeddings, edit_steps
+from serve_app.pipeline.types import DenoiseJob, EditInputs, EditLatents, PromptEmbeddings
 from serve_app.protocol import (
     MAX_SEED,
     CompletedEvent,
@@ -291,7 +291,7 @@ class Stages(Protocol):
         self, pixels: np.ndarray, alpha: np.ndarray | None, references: list[np.ndarray] | None = None
     ) -> EditLatents: ...
     async def denoise(self, job: DenoiseJob) -> np.ndarray: ...
-    def denoise_stream(self, job: DenoiseJob, preview_steps: list[int]) -> AsyncIterator[tuple[str, np.ndarray]]: ...
+    def denoise_stream(self, job: DenoiseJob, partial_images: int) -> AsyncIterator[tuple[str, np.ndarray]]: ...
     async def decode(self, latents: np.ndarray) -> np.ndarray: ...
     async def postprocess(self, pixels: np.ndarray, spec: "PostProcessSpec") -> dict[str, str]: ...
     async def discard(self, names: list[str]) -> None: ...
@@ -310,15 +310,6 @@ class PostProcessSpec:
     keep_pixels: np.ndarray | None = None
     keep_alpha: np.ndarray | None = None
     feather_px: int = 0
-
-
-def preview_steps(steps: int, partial_images: int) -> list[int]:
-    """Evenly spaced steps (1-based, before the last) after which to send a preview.
-    With fewer steps than previews asked for, fewer previews are sent, as
-    OpenAI allows when the image is finished first."""
-    if partial_images <= 0 or steps <= 1:
-        return []
-    return sorted({min(steps - 1, max(1, round((i + 1) * steps / (partial_images + 1)))) for i in range(partial_images)})
 
 
 def usage_for(r: ResolvedRequest, embeddings: PromptEmbeddings, images: int) -> Usage:
@@ -441,7 +432,10 @@ async def generate_stream(
         (EditPartialImageEvent, EditCompletedEvent) if r.events == "image_edit" else (PartialImageEvent, CompletedEvent)
     )
     index = 0
-    async for kind, latents in stages.denoise_stream(job, preview_steps(edit_steps(job.steps, job.strength), r.partial_images)):
+    # The denoiser spaces the previews: only the architecture knows how many
+    # steps an edit of this strength runs (SD rounds steps x strength down
+    # first, SD3, FLUX and Z-Image after subtracting it from the steps).
+    async for kind, latents in stages.denoise_stream(job, r.partial_images):
         pixels = await stages.decode(latents)
         if kind == "preview":
             encoded = await asyncio.gather(*(stages.postprocess(pixels[i], preview_spec) for i in range(r.n)))

@@ -25,7 +25,7 @@ from serve_app.deployments.denoiser import Denoiser
 from serve_app.deployments.text_encoder import TextEncoder
 from serve_app.deployments.vae_decoder import VaeDecoder
 from serve_app.pipeline.components import PipelineLayout
-from serve_app.pipeline.types import DenoiseJob, EditInputs, EditLatents, PromptEmbeddings
+from serve_app.pipeline.types import DenoiseJob, EditInputs, EditLatents, PromptEmbeddings, preview_steps
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -76,10 +76,11 @@ class SleepyDenoiser:
             yield None
         yield [self._latents(j) for j in jobs]
 
-    def denoise_steps(self, job: DenoiseJob, preview_steps: list[int]) -> Iterator[tuple[str, np.ndarray]]:
+    def denoise_steps(self, job: DenoiseJob, partial_images: int) -> Iterator[tuple[str, np.ndarray]]:
+        previews = preview_steps(job.steps, partial_images)
         for i in range(1, job.steps + 1):
             self._step()
-            if i in preview_steps and i < job.steps:
+            if i in previews:
                 yield "preview", self._latents(job)
         yield "final", self._latents(job)
 

@@ -32,7 +32,7 @@ class Denoiser(ModelStage):
         self.denoiser.check(job)
         return await self.batches.run(job, len(job.seeds))
 
-    async def denoise_stream(self, job: DenoiseJob, preview_steps: list[int]) -> AsyncIterator[tuple[str, np.ndarray]]:
+    async def denoise_stream(self, job: DenoiseJob, partial_images: int) -> AsyncIterator[tuple[str, np.ndarray]]:
         """Streamed to the caller (handle.options(stream=True)): previews as they happen, then the result.
 
         Steps compute on the event-loop thread, like batches (running them on
@@ -43,7 +43,7 @@ class Denoiser(ModelStage):
         """
         self.ready()
         self.denoiser.check(job)
-        for kind, latents in self.denoiser.denoise_steps(job, preview_steps):
+        for kind, latents in self.denoiser.denoise_steps(job, partial_images):
             yield kind, latents
             if kind == "preview":
                 await asyncio.sleep(PREVIEW_SEND_S)

@@ -141,10 +141,10 @@ class HandleStages:
         except NeedsInputImage:
             raise _needs_input_image() from None
 
-    async def denoise_stream(self, job: DenoiseJob, preview_steps: list[int]) -> AsyncIterator[tuple[str, np.ndarray]]:
+    async def denoise_stream(self, job: DenoiseJob, partial_images: int) -> AsyncIterator[tuple[str, np.ndarray]]:
         # Not retried: previews already sent cannot be taken back.
         try:
-            async for item in self._dn.options(stream=True).denoise_stream.remote(job, preview_steps):
+            async for item in self._dn.options(stream=True).denoise_stream.remote(job, partial_images):
                 yield item
         except NeedsInputImage:
             raise _needs_input_image() from None

@@ -16,7 +16,7 @@ import torch
 
 from serve_app.pipeline.architectures import architecture_for
 from serve_app.pipeline.components import PipelineLayout
-from serve_app.pipeline.types import DenoiseJob
+from serve_app.pipeline.types import DenoiseJob, preview_steps
 
 
 class LatentDenoiser:
@@ -70,10 +70,10 @@ class LatentDenoiser:
                 offset += n
         yield results  # type: ignore[misc]
 
-    def denoise_steps(self, job: DenoiseJob, preview_steps: list[int]) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield ("preview", predicted clean latents) after each step listed in
-        ``preview_steps`` (1-based), then ("final", latents)."""
-        for kind, latents in self._run([job], set(preview_steps)):
+    def denoise_steps(self, job: DenoiseJob, partial_images: int) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield ("preview", predicted clean latents) ``partial_images`` times,
+        evenly spaced over the steps the job runs, then ("final", latents)."""
+        for kind, latents in self._run([job], set(preview_steps(self.steps_for(job), partial_images))):
             if kind != "step":
                 yield kind, latents
 

@@ -121,3 +121,12 @@ def edit_steps(steps: int, strength: float) -> int:
     """How many denoising steps an edit of this strength runs: the last
     ``strength`` of a ``steps``-step schedule (diffusers' img2img rule)."""
     return min(int(steps * strength), steps)
+
+
+def preview_steps(steps: int, partial_images: int) -> list[int]:
+    """Evenly spaced steps (1-based, before the last) after which to send a preview.
+    With fewer steps than previews asked for, fewer previews are sent, as
+    OpenAI allows when the image is finished first."""
+    if partial_images <= 0 or steps <= 1:
+        return []
+    return sorted({min(steps - 1, max(1, round((i + 1) * steps / (partial_images + 1)))) for i in range(partial_images)})

@@ -3,8 +3,7 @@
 sizes, stream previews, and edit where the architecture edits.
 
 The same registry runs on Ray with `serve run configs/serve_config.all-tiny.yaml`;
-the suite keeps the real graph to the embedded model (tests/integration),
-since one replica set per architecture would not fit its time on 2 cores.
+tests/integration/test_all_tiny_graph.py runs it on the real graph, in groups.
 """
 
 from __future__ import annotations
@@ -128,3 +127,17 @@ def test_a_reference_edit_streams_a_preview_of_every_step_but_the_last(client, m
     resp = client.post(EDITS, files=files, data=data)
     events = [line.split(": ", 1)[1] for line in resp.text.splitlines() if line.startswith("event: ")]
     assert events == ["image_edit.partial_image"] * 3 + ["image_edit.completed"], resp.text[:500]
+
+
+@pytest.mark.parametrize("model, fidelity", [("tiny-sd3", "low"), ("tiny-flux-dev", "low"), ("tiny-z-image", "high")])
+def test_an_image_to_image_edit_streams_previews_over_the_steps_its_architecture_runs(client, model, fidelity):
+    """SD3, FLUX and Z-Image round an edit's steps x strength after taking it
+    from the steps, SD before: 2 steps at 0.75 (Z-Image's low tier, 4 steps,
+    at 0.45) run 2 steps here, where SD's rule counts 1, which leaves no room
+    for a preview. The preview goes out after the first of the two."""
+    files = {"image": ("a.png", png(), "image/png")}
+    data = {"prompt": "a hat", "model": model, "size": "128x128", "quality": "low", "input_fidelity": fidelity,
+            "stream": "true", "partial_images": "1"}
+    resp = client.post(EDITS, files=files, data=data)
+    events = [line.split(": ", 1)[1] for line in resp.text.splitlines() if line.startswith("event: ")]
+    assert events == ["image_edit.partial_image", "image_edit.completed"], resp.text[:500]

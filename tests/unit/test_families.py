@@ -9,7 +9,8 @@ from pydantic import ValidationError
 from serve_app.config import ModelRegistry, load_registry
 from serve_app.errors import OpenAIError
 from serve_app.families import FAMILIES, output_tokens
-from serve_app.generation import default_size, preview_steps, resolve_request, served_sizes
+from serve_app.generation import default_size, resolve_request, served_sizes
+from serve_app.pipeline.types import preview_steps
 from serve_app.protocol import ImageGenerationRequest
 
 REGISTRY = load_registry("configs/models.yaml")
