@@ -17,6 +17,12 @@ of the registry is in exactly one group (checked below). Measured on the
 shared 2-core machine: 50-100 s per group, nearly all of it replicas
 starting; the requests take 2 s a group, Qwen-Image-Edit(-Plus) ~20 s (their
 VAE encodes each input image at a megapixel, as diffusers' pipelines do).
+
+At about four minutes it does not fit the default suite's ten-minute budget
+on the 2-core machine, so it is marked ``heavy`` and left out of
+``scripts/test``; run it with ``scripts/test -m heavy``. Each architecture
+is also exercised through the in-process ingress in the default suite
+(tests/pipeline/test_all_architectures.py).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from PIL import Image
 
 from tests.unit.test_edits_http import band_mask, png
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.heavy]
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = ROOT / "configs" / "serve_config.all-tiny.yaml"
