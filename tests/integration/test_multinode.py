@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import httpx
@@ -156,8 +156,10 @@ def test_losing_a_gpu_node_mid_request(cluster):
 
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(post, i) for i in range(8)]
-        # Each denoiser holds 4 by now, batches of 2, ~1 s a batch: ~2 s of work each.
-        time.sleep(1.2)
+        # Each denoiser takes 4, in batches of 2, ~1 s a batch: when the first
+        # answer comes, each is into its second batch (waiting on the clock,
+        # not a guess at how long the way to the denoiser takes under load).
+        wait(futures, return_when=FIRST_COMPLETED)
         victim.kill()
         results = [f.result() for f in futures]  # a dropped connection raises here
     statuses = sorted(s for s, _, _ in results)
@@ -182,7 +184,7 @@ def test_losing_a_gpu_node_mid_request(cluster):
     last = next(n for n in cluster.nodes if n.name == "gpu_b")
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(post, i) for i in range(8)]
-        time.sleep(1.5)  # 8 requests are ~4 s of work for one denoiser
+        wait(futures, return_when=FIRST_COMPLETED)  # 8 requests are ~4 s of work for one denoiser: 6 still to go
         last.kill()
         results = [f.result() for f in futures]
     statuses = sorted(s for s, _, _ in results)
