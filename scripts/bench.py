@@ -337,15 +337,18 @@ def process_label(p) -> str:
         # "ray::ServeReplica:<app>:<deployment>", or "ray::<Actor>[.<method running>]"
         title = cmd[0].split()[0].removeprefix("ray::")
         return title.removeprefix("ServeReplica:") if title.startswith("ServeReplica:") else title.split(".")[0]
-    return Path(cmd[0]).name if "ray" in " ".join(cmd[:2]) else "other processes"
+    return Path(cmd[0]).name if "ray" in " ".join(cmd[:2]) else "other child processes"
 
 
 def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
-    """CPU seconds (user + system) used so far by every process on the machine, labelled."""
+    """CPU seconds (user + system) used so far by this process and its
+    descendants (the local Ray cluster it started, the peer server), labelled.
+    Other processes on the machine are not counted."""
     import psutil
 
+    me = psutil.Process()
     out = {}
-    for p in psutil.process_iter():
+    for p in [me, *me.children(recursive=True)]:
         try:
             times = p.cpu_times()
             out[p.pid] = (process_label(p), times.user + times.system)
