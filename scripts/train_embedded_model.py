@@ -92,7 +92,10 @@ def learning_rate(peak: float, fraction: float, warmup: float = 0.03) -> float:
 
 
 def train_vae(args, rng: random.Random) -> "AutoencoderKL":  # noqa: F821
-    vae = embedded.vae()
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(args.vae_init) if args.vae_init else embedded.vae()
+    vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     budget = Budget(args.vae_minutes, args.vae_steps)
     while budget.running():
@@ -206,6 +209,7 @@ def main() -> None:
     parser.add_argument("--vae-minutes", type=float, default=10.0)
     parser.add_argument("--vae-steps", type=int, help="a step count instead of --vae-minutes")
     parser.add_argument("--vae-batch", type=int, default=8, help="scenes of 128 pixels per step (twice as many of 64)")
+    parser.add_argument("--vae-init", help="a VAE folder to continue training from, instead of new weights")
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--unet-minutes", type=float, default=40.0)
     parser.add_argument("--unet-steps", type=int, help="a step count instead of --unet-minutes")
