@@ -4,13 +4,18 @@
     python scripts/train_embedded_model.py --stage vae --vae-minutes 12 --out /tmp/m
     python scripts/train_embedded_model.py --stage unet --unet-minutes 40 --out /tmp/m   # reuses /tmp/m/vae
 
-Two stages, each with a wall-clock budget (or a step count):
-1. the VAE, on whole scenes of 64 and 128 pixels (it is fully convolutional), until flat
-   colours and edges survive encode -> decode; its latent scaling factor is
-   then measured so that scaled latents have unit variance, as SD's 0.18215 does;
+Three stages, each with a wall-clock budget (or a step count):
+1. the VAE, on whole scenes of 64 and 128 pixels (it is fully convolutional),
+   until flat colours and edges survive encode -> decode; its latent scaling
+   factor is then measured so that scaled latents have unit variance, as SD's
+   0.18215 does;
 2. the text encoder and UNet together on captioned scenes at 128, 256 and
    512 pixels (so that positions mean the same fraction of the frame at any
-   size), with 10% of captions dropped for classifier-free guidance.
+   size), with 10% of captions dropped for classifier-free guidance, the
+   VAE's encoder giving the latents;
+3. the VAE's decoder alone, on scenes up to 512 pixels: the encoder is frozen,
+   so the latent space the UNet learnt does not move. It needs nothing from
+   stage 2, so ``--stage decoder --decoder-out DIR`` can run beside it.
 The result is written in the standard Stable Diffusion diffusers layout
 (safetensors) with an Euler scheduler, and loads with
 ``StableDiffusionPipeline.from_pretrained``.
@@ -20,9 +25,12 @@ Seeded: the scenes, captions and initial weights come from ``--seed``. With a
 non-determinism); with a ``--*-minutes`` budget the number of steps depends
 on the machine's speed, and the learning rate follows the elapsed fraction.
 
-The committed model (models/embedded-sd) took the default budgets on this
-project's 2-core CPU, shared with other jobs: see the README, "The embedded
-model", for the wall times measured.
+The committed model (models/embedded-sd) was made on this project's 2-core
+CPU, shared with other jobs (load averages of 5 to 50), in separate runs:
+``--stage vae --vae-minutes 10`` (707 steps), the same continued with
+``--vae-init`` for 9 minutes (1,214 steps), then ``--stage unet
+--unet-minutes 27`` and, beside it, ``--stage decoder --decoder-minutes 23``;
+about 50 minutes of wall time in all (README, "The embedded model").
 """
 
 from __future__ import annotations
@@ -128,6 +136,36 @@ def train_vae(args, rng: random.Random) -> "AutoencoderKL":  # noqa: F821
     return vae
 
 
+def train_decoder(args, rng: random.Random, vae) -> None:
+    """Go on training the VAE's decoder alone, on whole scenes of up to 512
+    pixels: the encoder, and so the latent space the UNet learnt, stays as it is."""
+    vae.requires_grad_(False)
+    decoder_params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    for p in decoder_params:
+        p.requires_grad_(True)
+    vae.train()
+    optimizer = torch.optim.AdamW(decoder_params, lr=args.decoder_lr, weight_decay=0.0)
+    budget = Budget(args.decoder_minutes, args.decoder_steps)
+    while budget.running():
+        # Large flat regions far from any edge exist only in large images; the decoder must see them.
+        resolution = rng.choice((128, 256, 512))
+        batch = {128: 8, 256: 2, 512: 1}[resolution]
+        pixels = to_tensor([to_array(render(random_scene(rng, two_shapes=0.3), resolution)) for _ in range(batch)])
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample()
+        loss = F.l1_loss(vae.decode(latents).sample, pixels)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(args.decoder_lr, budget.fraction)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        budget.done += 1
+        if budget.done % 25 == 0:
+            log(f"decoder step {budget.done} loss {loss.item():.4f} ({budget.elapsed / 60:.1f} min)")
+    log(f"decoder: {budget.done} steps in {budget.elapsed / 60:.1f} min")
+    vae.eval()
+
+
 def train_unet(args, rng: random.Random, vae, out: Path) -> tuple:
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
@@ -203,7 +241,10 @@ def save(out: Path, vae, tokenizer, text_encoder, unet) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "models" / "embedded-sd"), help="pipeline directory to write")
-    parser.add_argument("--stage", choices=("all", "vae", "unet"), default="all", help="unet reuses --out's vae")
+    parser.add_argument(
+        "--stage", choices=("all", "vae", "unet", "decoder"), default="all",
+        help="unet and decoder reuse --out's vae; all runs vae, unet, decoder",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vae-minutes", type=float, default=10.0)
@@ -214,6 +255,10 @@ def main() -> None:
     parser.add_argument("--unet-minutes", type=float, default=40.0)
     parser.add_argument("--unet-steps", type=int, help="a step count instead of --unet-minutes")
     parser.add_argument("--unet-lr", type=float, default=6e-4)
+    parser.add_argument("--decoder-minutes", type=float, default=20.0)
+    parser.add_argument("--decoder-steps", type=int, help="a step count instead of --decoder-minutes")
+    parser.add_argument("--decoder-lr", type=float, default=5e-4)
+    parser.add_argument("--decoder-out", help="where the decoder stage writes the VAE (default: --out's vae)")
     parser.add_argument("--ema", type=float, default=0.995)
     args = parser.parse_args()
 
@@ -224,6 +269,13 @@ def main() -> None:
     started = time.monotonic()
     from diffusers import AutoencoderKL
 
+    if args.stage == "decoder":
+        vae = AutoencoderKL.from_pretrained(str(out / "vae"))
+        train_decoder(args, random.Random(args.seed + 2), vae)
+        target = Path(args.decoder_out or out / "vae")
+        vae.save_pretrained(str(target), safe_serialization=True)
+        log(f"wrote {target} in {(time.monotonic() - started) / 60:.1f} min")
+        return
     if args.stage in ("all", "vae"):
         vae = train_vae(args, rng)
         if args.stage == "vae":
@@ -234,6 +286,8 @@ def main() -> None:
         vae = AutoencoderKL.from_pretrained(str(out / "vae")).eval()
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer, text_encoder, unet = train_unet(args, random.Random(args.seed + 1), vae, Path(scratch))
+        if args.stage == "all":
+            train_decoder(args, random.Random(args.seed + 2), vae)
         save(out, vae, tokenizer, text_encoder, unet)
     sizes = {p.relative_to(out).as_posix(): p.stat().st_size for p in out.rglob("*.safetensors")}
     log(f"wrote {out}: {json.dumps(sizes)}, {sum(sizes.values()) / 1e6:.1f} MB")
