@@ -255,7 +255,7 @@ def fetch_url(c: Client, start: float, url: str, fmt: str, size: str | None, alp
 
 def k_gen_b64(c, rng, start):
     # Free sizes: the gpt-image-2 generation (gpt-image-1 takes 1024-pixel sizes only); xhigh: 2.5 and 2.6.
-    model = rng.choice(["gpt-image-2", "gpt-image-2.5-flare", "tiny-sd"])
+    model = rng.choice(["gpt-image-2", "gpt-image-2.5-flare", "embedded-sd"])
     fmt = rng.choice(["png", "jpeg", "webp"])
     size = rng.choices(["256x256", "512x512", "1024x1024", "768x512", "512x768"], [3, 3, 1, 1, 1])[0]
     quality = rng.choices(["low", "medium", "high", "auto", "xhigh"], [2, 2, 1, 1, 1 if model == "gpt-image-2.5-flare" and size != "1024x1024" else 0])[0]

@@ -42,11 +42,18 @@ def tiny_sd_inpaint_dir(tiny_model_dir) -> Path:
 
 
 def write_registry(path: Path, model_dir: Path) -> Path:
-    """A registry shaped like the shipped one, pointing at a test model."""
+    """A registry shaped like the shipped one (its ids, families, styles and
+    sizes), with one pipeline, ``tiny-sd``, on a test model at 4 steps: the
+    shipped default is the trained embedded model, whose steps and weights
+    the tests that only need shapes and speed do without."""
     shipped = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "models.yaml").read_text())
-    for pipeline in shipped["pipelines"].values():
-        pipeline["source"] = str(model_dir)
-        pipeline.pop("builtin", None)
+    (settings,) = shipped["pipelines"].values()
+    settings.update(source=str(model_dir), default_steps=4)
+    shipped["pipelines"] = {"tiny-sd": settings}
+    for model in shipped["models"]:
+        model["pipeline"] = "tiny-sd"
+        if model["id"] == "embedded-sd":
+            model["id"] = "tiny-sd"  # the pipeline's native id
     path.write_text(yaml.safe_dump(shipped))
     return path
 

@@ -14,6 +14,7 @@ from serve_app.pipeline.types import preview_steps
 from serve_app.protocol import ImageGenerationRequest
 
 REGISTRY = load_registry("configs/models.yaml")
+DEFAULT_STEPS = REGISTRY.pipelines["embedded-sd"].default_steps
 
 # Every model id in the current SDK (openai.types.ImageModel) and the family the shipped registry gives it.
 SDK_MODEL_FAMILIES = {
@@ -56,7 +57,7 @@ def test_every_sdk_model_id_is_shipped_with_its_family():
     assert set(SDK_MODEL_FAMILIES) == set(openai.types.ImageModel.__args__)
     for model_id, family in SDK_MODEL_FAMILIES.items():
         assert REGISTRY.model(model_id).family == family, model_id
-    assert REGISTRY.model("tiny-sd") is not None
+    assert REGISTRY.model("embedded-sd") is not None
 
 
 @pytest.mark.parametrize("model, limit", [("dall-e-2", 1000), ("dall-e-3", 4000), ("gpt-image-1", 32000), ("gpt-image-2", 32000)])
@@ -132,7 +133,7 @@ def test_auto_size_resolves():
     assert resolve(model="gpt-image-1", size="auto").size == "1024x1024"
     # gpt-image-2 takes it.
     assert resolve(model="gpt-image-2", size="auto").size == "512x512"
-    assert resolve(model="tiny-sd").size == "512x512"
+    assert resolve(model="embedded-sd").size == "512x512"
 
 
 def test_a_model_entrys_default_size_wins():
@@ -164,9 +165,9 @@ def test_qualities():
     assert resolve(model="gpt-image-1", quality="auto").quality == "medium"
     # xhigh and max: the 2.5 and 2.6 models only, derived as 3x and 4x the pipeline's steps.
     for model in ("gpt-image-2.5-sunburst", "gpt-image-2.5-flare-2026-09-08", "gpt-image-2.6-flare"):
-        assert resolve(model=model, quality="xhigh").steps == 12
-        assert resolve(model=model, quality="max").steps == 16
-    for model in ("gpt-image-1", "gpt-image-1.5", "chatgpt-image-latest", "gpt-image-2", "tiny-sd"):
+        assert resolve(model=model, quality="xhigh").steps == 3 * DEFAULT_STEPS
+        assert resolve(model=model, quality="max").steps == 4 * DEFAULT_STEPS
+    for model in ("gpt-image-1", "gpt-image-1.5", "chatgpt-image-latest", "gpt-image-2", "embedded-sd"):
         refused("quality", model=model, quality="xhigh")
         refused("quality", model=model, quality="max")
 
@@ -226,10 +227,10 @@ def test_unknown_model_without_and_with_a_fallback():
 
 
 def test_legacy_gpt_image_family_keeps_what_it_accepted():
-    models = [*(m.model_dump() for m in REGISTRY.models), {"id": "old", "pipeline": "tiny-sd", "family": "gpt-image"}]
+    models = [*(m.model_dump() for m in REGISTRY.models), {"id": "old", "pipeline": "embedded-sd", "family": "gpt-image"}]
     registry = registry_with(models=models)
     assert registry.model("old").family == "gpt-image-2.5"
-    assert resolve(registry, model="old", size="1280x720", quality="xhigh").steps == 12
+    assert resolve(registry, model="old", size="1280x720", quality="xhigh").steps == 3 * DEFAULT_STEPS
 
 
 def test_svg_and_gif():

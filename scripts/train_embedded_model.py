@@ -1,0 +1,298 @@
+"""Train the embedded text-to-image model on generated flat-shape scenes.
+
+    python scripts/train_embedded_model.py                       # both stages, the committed budget
+    python scripts/train_embedded_model.py --stage vae --vae-minutes 12 --out /tmp/m
+    python scripts/train_embedded_model.py --stage unet --unet-minutes 40 --out /tmp/m   # reuses /tmp/m/vae
+
+Three stages, each with a wall-clock budget (or a step count):
+1. the VAE, on whole scenes of 64 and 128 pixels (it is fully convolutional),
+   until flat colours and edges survive encode -> decode; its latent scaling
+   factor is then measured so that scaled latents have unit variance, as SD's
+   0.18215 does;
+2. the text encoder and UNet together on captioned scenes at 128, 256 and
+   512 pixels (so that positions mean the same fraction of the frame at any
+   size), with 10% of captions dropped for classifier-free guidance, the
+   VAE's encoder giving the latents;
+3. the VAE's decoder alone, on scenes up to 512 pixels: the encoder is frozen,
+   so the latent space the UNet learnt does not move. It needs nothing from
+   stage 2, so ``--stage decoder --decoder-out DIR`` can run beside it.
+The result is written in the standard Stable Diffusion diffusers layout
+(safetensors) with an Euler scheduler, and loads with
+``StableDiffusionPipeline.from_pretrained``.
+
+Seeded: the scenes, captions and initial weights come from ``--seed``. With a
+``--*-steps`` count a run is repeatable step for step (bar thread-level float
+non-determinism); with a ``--*-minutes`` budget the number of steps depends
+on the machine's speed, and the learning rate follows the elapsed fraction.
+
+The committed model (models/embedded-sd) was made on this project's 2-core
+CPU, shared with other jobs (load averages of 5 to 50), in separate runs:
+``--stage vae --vae-minutes 10`` (707 steps), the same continued with
+``--vae-init`` for 9 minutes (1,214 steps), then ``--stage unet
+--unet-minutes 27`` and, beside it, ``--stage decoder --decoder-minutes 23``;
+about 50 minutes of wall time in all (README, "The embedded model").
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from serve_app.pipeline import embedded  # noqa: E402
+from serve_app.pipeline.scenes import caption, random_scene, render, to_array  # noqa: E402
+
+CAPTION_DROPOUT = 0.1
+# (resolution, batch size, share of steps): mostly small images for speed,
+# some 512s so that the model sees the latent sizes it serves.
+UNET_RESOLUTIONS = ((128, 24, 0.4), (256, 8, 0.5), (512, 2, 0.1))
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HWC images -> a float batch in [-1, 1], as the VAE expects."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+class Budget:
+    """Stop after ``steps`` steps, or ``minutes`` of wall time; ``fraction`` drives the learning rate."""
+
+    def __init__(self, minutes: float | None, steps: int | None):
+        self.minutes, self.steps, self.start, self.done = minutes, steps, time.monotonic(), 0
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    @property
+    def fraction(self) -> float:
+        if self.steps:
+            return self.done / self.steps
+        return self.elapsed / (60 * self.minutes)
+
+    def running(self) -> bool:
+        return self.fraction < 1.0
+
+
+def learning_rate(peak: float, fraction: float, warmup: float = 0.03) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if fraction < warmup:
+        return peak * fraction / warmup
+    progress = min(1.0, (fraction - warmup) / (1 - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_vae(args, rng: random.Random) -> "AutoencoderKL":  # noqa: F821
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(args.vae_init) if args.vae_init else embedded.vae()
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    budget = Budget(args.vae_minutes, args.vae_steps)
+    while budget.running():
+        # Whole scenes, not crops: the VAE's group norms see a whole image's
+        # statistics when it serves, and a crop of plain background would
+        # normalise to nothing whatever its colour.
+        resolution = rng.choice((64, 128))
+        batch = args.vae_batch * (128 // resolution) ** 2 // 2
+        pixels = to_tensor([to_array(render(random_scene(rng, two_shapes=0.3), resolution)) for _ in range(batch)])
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        # L1 keeps flat colours exact and edges sharp; the KL term only keeps the latents bounded.
+        loss = F.l1_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(args.vae_lr, budget.fraction)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        budget.done += 1
+        if budget.done % 25 == 0:
+            log(f"vae step {budget.done} loss {loss.item():.4f} ({budget.elapsed / 60:.1f} min)")
+    log(f"vae: {budget.done} steps in {budget.elapsed / 60:.1f} min")
+    vae.eval()
+    # Scale latents to unit variance, measured on whole scenes.
+    with torch.no_grad():
+        scenes = to_tensor([to_array(render(random_scene(rng), 256)) for _ in range(64)])
+        latents = vae.encode(scenes).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    log(f"vae scaling factor {vae.config.scaling_factor:.4f}")
+    return vae
+
+
+def train_decoder(args, rng: random.Random, vae) -> None:
+    """Go on training the VAE's decoder alone, on whole scenes of up to 512
+    pixels: the encoder, and so the latent space the UNet learnt, stays as it is."""
+    vae.requires_grad_(False)
+    decoder_params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    for p in decoder_params:
+        p.requires_grad_(True)
+    vae.train()
+    optimizer = torch.optim.AdamW(decoder_params, lr=args.decoder_lr, weight_decay=0.0)
+    budget = Budget(args.decoder_minutes, args.decoder_steps)
+    while budget.running():
+        # Large flat regions far from any edge exist only in large images; the decoder must see them.
+        resolution = rng.choice((128, 256, 512))
+        batch = {128: 8, 256: 2, 512: 1}[resolution]
+        pixels = to_tensor([to_array(render(random_scene(rng, two_shapes=0.3), resolution)) for _ in range(batch)])
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample()
+        loss = F.l1_loss(vae.decode(latents).sample, pixels)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(args.decoder_lr, budget.fraction)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        budget.done += 1
+        if budget.done % 25 == 0:
+            log(f"decoder step {budget.done} loss {loss.item():.4f} ({budget.elapsed / 60:.1f} min)")
+    log(f"decoder: {budget.done} steps in {budget.elapsed / 60:.1f} min")
+    vae.eval()
+
+
+def train_unet(args, rng: random.Random, vae, out: Path) -> tuple:
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTokenizer
+
+    write_tokenizer_to = out / "tokenizer"
+    embedded.write_caption_tokenizer(write_tokenizer_to)
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_tokenizer_to))
+    text_encoder = embedded.text_encoder(len(tokenizer))
+    unet = embedded.unet()
+    # The training noise schedule is the sampler's (same betas).
+    noise_schedule = DDPMScheduler.from_config(embedded.scheduler().config)
+    alphas_cumprod = noise_schedule.alphas_cumprod
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    vae.requires_grad_(False)
+    budget = Budget(args.unet_minutes, args.unet_steps)
+    resolutions = [r for r, _, _ in UNET_RESOLUTIONS]
+    batches = {r: b for r, b, _ in UNET_RESOLUTIONS}
+    shares = [s for _, _, s in UNET_RESOLUTIONS]
+    losses: list[float] = []
+    while budget.running():
+        resolution = rng.choices(resolutions, weights=shares)[0]
+        scenes = [random_scene(rng) for _ in range(batches[resolution])]
+        captions = ["" if rng.random() < CAPTION_DROPOUT else caption(s, rng) for s in scenes]
+        with torch.no_grad():
+            pixels = to_tensor([to_array(render(s, resolution)) for s in scenes])
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(scenes),))
+        noisy = noise_schedule.add_noise(latents, noise, timesteps)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
+        # Min-SNR weighting (gamma 5): the noisiest steps, where layout is decided, are not drowned out.
+        snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+        weight = torch.clamp(snr, max=5.0) / snr
+        loss = (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(args.unet_lr, budget.fraction)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        budget.done += 1
+        decay = min(args.ema, (1 + budget.done) / (10 + budget.done))
+        with torch.no_grad():
+            for model, ema in ((unet, ema_unet), (text_encoder, ema_text)):
+                for p, e in zip(model.parameters(), ema.parameters()):
+                    e.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        if budget.done % 50 == 0:
+            log(f"unet step {budget.done} loss {np.mean(losses[-50:]):.4f} ({budget.elapsed / 60:.1f} min)")
+    log(f"unet: {budget.done} steps in {budget.elapsed / 60:.1f} min")
+    return tokenizer, ema_text, ema_unet
+
+
+def save(out: Path, vae, tokenizer, text_encoder, unet) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=embedded.scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(out), safe_serialization=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(ROOT / "models" / "embedded-sd"), help="pipeline directory to write")
+    parser.add_argument(
+        "--stage", choices=("all", "vae", "unet", "decoder"), default="all",
+        help="unet and decoder reuse --out's vae; all runs vae, unet, decoder",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vae-minutes", type=float, default=10.0)
+    parser.add_argument("--vae-steps", type=int, help="a step count instead of --vae-minutes")
+    parser.add_argument("--vae-batch", type=int, default=8, help="scenes of 128 pixels per step (twice as many of 64)")
+    parser.add_argument("--vae-init", help="a VAE folder to continue training from, instead of new weights")
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--unet-minutes", type=float, default=40.0)
+    parser.add_argument("--unet-steps", type=int, help="a step count instead of --unet-minutes")
+    parser.add_argument("--unet-lr", type=float, default=6e-4)
+    parser.add_argument("--decoder-minutes", type=float, default=20.0)
+    parser.add_argument("--decoder-steps", type=int, help="a step count instead of --decoder-minutes")
+    parser.add_argument("--decoder-lr", type=float, default=5e-4)
+    parser.add_argument("--decoder-out", help="where the decoder stage writes the VAE (default: --out's vae)")
+    parser.add_argument("--ema", type=float, default=0.995)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    out = Path(args.out)
+    started = time.monotonic()
+    from diffusers import AutoencoderKL
+
+    if args.stage == "decoder":
+        vae = AutoencoderKL.from_pretrained(str(out / "vae"))
+        train_decoder(args, random.Random(args.seed + 2), vae)
+        target = Path(args.decoder_out or out / "vae")
+        vae.save_pretrained(str(target), safe_serialization=True)
+        log(f"wrote {target} in {(time.monotonic() - started) / 60:.1f} min")
+        return
+    if args.stage in ("all", "vae"):
+        vae = train_vae(args, rng)
+        if args.stage == "vae":
+            vae.save_pretrained(str(out / "vae"), safe_serialization=True)
+            log(f"wrote {out / 'vae'} in {(time.monotonic() - started) / 60:.1f} min")
+            return
+    else:
+        vae = AutoencoderKL.from_pretrained(str(out / "vae")).eval()
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer, text_encoder, unet = train_unet(args, random.Random(args.seed + 1), vae, Path(scratch))
+        if args.stage == "all":
+            train_decoder(args, random.Random(args.seed + 2), vae)
+        save(out, vae, tokenizer, text_encoder, unet)
+    sizes = {p.relative_to(out).as_posix(): p.stat().st_size for p in out.rglob("*.safetensors")}
+    log(f"wrote {out}: {json.dumps(sizes)}, {sum(sizes.values()) / 1e6:.1f} MB")
+    log(f"total wall time {(time.monotonic() - started) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
