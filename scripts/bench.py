@@ -37,7 +37,7 @@ import yaml
 
 from local_graph import ROOT, pctl, serve_config_args, start_local_graph, stop_local_graph
 
-PROMPT = "A cute baby sea otter floating on its back"
+PROMPT = "a red circle on a blue background"  # a scene the embedded model was trained on
 
 
 def summarize(latencies: list[float], images: int, wall: float) -> dict:
@@ -458,11 +458,12 @@ def say(started: float, msg: str) -> None:
 
 
 def cpu_run(a: argparse.Namespace, started: float) -> dict:
-    """The embedded model on this CPU: in-process, the fair peer and the graph."""
-    from serve_app.pipeline.tiny import save_tiny_pipeline
+    """The shipped embedded model on this CPU, at its registry defaults: in-process, the fair peer and the graph."""
+    from serve_app.config import load_registry
 
-    size, steps, guidance = 512, 4, 7.5
-    model_dir = save_tiny_pipeline(ROOT / "data" / "models" / "tiny-sd", "tiny-sd")
+    pipeline = next(iter(load_registry(str(ROOT / "configs" / "models.yaml")).pipelines.values()))
+    model_dir = ROOT / pipeline.source
+    size, steps, guidance = 512, pipeline.default_steps, pipeline.default_guidance
     serve_config = Path(a.serve_config or ROOT / "serve_config.yaml")
     n_seq, n_batched, batch, n_c1, n_c8 = (10, 24, 8, 10, 32) if a.quick else (30, 64, 8, 30, 96)
     say(started, f"model {model_dir}  size {size}  steps {steps}  guidance {guidance}  serve config {serve_config}")
