@@ -24,8 +24,10 @@ SHIPPED_MODELS = PROJECT_ROOT / "configs" / "models.yaml"
 # on a contended 2-core CPU; scripts/eval_embedded_model.py's figures are in
 # the README): they draw the named colours and shapes but often bind a colour
 # to the wrong thing and misplace the shape. These checks are what a trained
-# model passes; they stay in the suite, not strict, until one is committed.
-UNDER_TRAINED = pytest.mark.xfail(strict=False, reason="the committed embedded model is under-trained (README, The embedded model)")
+# model passes; the committed one fails them, so they are marked `quality`
+# and left out of the default run (an expected failure would pass whatever
+# happened): `scripts/test -m quality` runs them after a retraining.
+UNDER_TRAINED = pytest.mark.quality
 
 
 @pytest.fixture(scope="module")
