@@ -139,8 +139,8 @@ def test_serve_deploy_places_each_stage_on_its_node_kind(cluster, client):
 
 def test_losing_a_gpu_node_mid_request(cluster):
     """8 requests in flight, then the GPU-like node holding one denoiser is
-    killed (its whole process group: a machine gone). The ingress retries the
-    calls that died with it on the other denoiser, so every request is
+    killed (its whole process group: a machine gone). The ingress retries any
+    call that died with it on the other denoiser, so every request is
     answered 200 (or 503 with Retry-After, if a retry met a replica that had
     died too). The lost replica waits for a node that can hold it and comes
     back when a new GPU-like node joins, as a cloud or KubeRay would add one.
@@ -168,8 +168,9 @@ def test_losing_a_gpu_node_mid_request(cluster):
         if status == 503:
             assert body["error"]["code"] == "stage_unavailable" and int(headers["retry-after"]) > 0
     assert statuses.count(200) >= 6, statuses
-    # The requests on the lost node were retried, not merely never sent there.
-    assert "denoiser call failed (attempt 1)" in cluster.logs("worker-*.err")
+    # (Whether any of them was on the lost node when it went is timing:
+    # Serve may not have handed them to it yet. The second loss below, with
+    # one denoiser left, is where failed calls are asserted.)
 
     # The survivor serves; the replacement finds no free GPU-like node and waits.
     survivor = node_ids(cluster, "gpu_b")
@@ -193,6 +194,7 @@ def test_losing_a_gpu_node_mid_request(cluster):
         if status == 503:
             assert body["error"]["code"] == "stage_unavailable" and int(headers["retry-after"]) > 0
     assert 503 in statuses, statuses
+    assert "denoiser call failed" in cluster.logs("worker-*.err")  # the calls that died were seen, not lost
     wait_until(lambda: running_on(cluster, DENOISER) == [], 30, "the last denoiser to be noticed")
     r = http.post(f"{cluster.http_url}/v1/images/generations", json=BODY)
     assert r.status_code == 503 and int(r.headers["retry-after"]) > 0, r.text
