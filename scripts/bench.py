@@ -89,11 +89,13 @@ def denoiser_of(pipe):
     return getattr(pipe, "unet", None) or pipe.transformer
 
 
-def run_baseline(model_dir: Path, size: int, steps: int, guidance: float, n_seq: int, n_batched: int, batch: int, device: str) -> dict:
+def run_baseline(
+    model_dir: Path, size: int, steps: int, guidance: float, n_seq: int, n_batched: int, batch: int, device: str, measure_denoiser: bool = False
+) -> dict:
     """The same model in this process, as diffusers runs it: one image at a
     time, then in batches. On a GPU with the GPU profile's optimisations
-    (bfloat16, SDPA attention, channels_last); there it also measures the
-    denoising network alone (see denoiser_throughput)."""
+    (bfloat16, SDPA attention, channels_last). With ``measure_denoiser``
+    (the GPU proof), also the denoising network alone (denoiser_throughput)."""
     import torch
     from diffusers import DiffusionPipeline
 
@@ -122,9 +124,11 @@ def run_baseline(model_dir: Path, size: int, steps: int, guidance: float, n_seq:
     # The batched warm-up also keeps the denoising network's first inputs,
     # to measure the network alone at the batch the graph's denoiser runs.
     captured: dict = {}
-    hook = denoiser_of(pipe).register_forward_pre_hook(lambda m, args, kwargs: captured.setdefault("call", (args, kwargs)), with_kwargs=True)
+    if measure_denoiser:
+        hook = denoiser_of(pipe).register_forward_pre_hook(lambda m, args, kwargs: captured.setdefault("call", (args, kwargs)), with_kwargs=True)
     call(list(range(batch)))
-    hook.remove()
+    if measure_denoiser:
+        hook.remove()
     lat = []
     t0 = time.perf_counter()
     for i in range(n_seq):
@@ -141,7 +145,9 @@ def run_baseline(model_dir: Path, size: int, steps: int, guidance: float, n_seq:
         lat.append(time.perf_counter() - t)
     batched = summarize(lat, n_batched, time.perf_counter() - t0)
     batched["batch_size"] = batch
-    result = {"sequential": sequential, "batched": batched, "denoiser": denoiser_throughput(denoiser_of(pipe), *captured["call"], cuda)}
+    result = {"sequential": sequential, "batched": batched}
+    if measure_denoiser:
+        result["denoiser"] = denoiser_throughput(denoiser_of(pipe), *captured["call"], cuda)
     del pipe, captured
     if cuda:
         torch.cuda.empty_cache()
@@ -315,15 +321,15 @@ def run_peer(model_dir: Path, size: int, steps: int, guidance: float, runs: dict
         proc.wait(30)
 
 
-MODEL_STAGES = ("TextEncoder", "Denoiser", "VaeDecoder")
-
-
 def serving_cpu_ms(cpu: dict[str, float]) -> float:
     """CPU per image of every process but the model stages and the load
     generator: the HTTP proxy, the ingress, the post-processor, Ray's own
     processes and anything else the run woke up."""
+    from serve_app.app import MODEL_STAGES
+
+    stages = tuple(cls.__name__ for cls in MODEL_STAGES.values())  # replica labels: "<app>:<Class>-<pipeline>"
     return round(
-        sum(v for k, v in cpu.items() if k != "total" and not k.split(":")[-1].startswith(MODEL_STAGES) and not k.startswith("bench client")), 1
+        sum(v for k, v in cpu.items() if k != "total" and not k.split(":")[-1].startswith(stages) and not k.startswith("bench client")), 1
     )
 
 
@@ -468,7 +474,6 @@ def cpu_run(a: argparse.Namespace, started: float) -> dict:
     n_seq, n_batched, batch, n_c1, n_c8 = (10, 24, 8, 10, 32) if a.quick else (30, 64, 8, 30, 96)
     say(started, f"model {model_dir}  size {size}  steps {steps}  guidance {guidance}  serve config {serve_config}")
     baseline = run_baseline(model_dir, size, steps, guidance, n_seq, n_batched, batch, "cpu")
-    baseline.pop("denoiser")
     say(started, f"baseline  sequential {baseline['sequential']}\nbaseline  batched    {baseline['batched']}")
     codecs = run_codecs(model_dir)
     say(started, f"codecs    {codecs}")
@@ -519,7 +524,7 @@ def gpu_run(a: argparse.Namespace, started: float) -> dict:
     for name in a.models:
         model_dir, size, steps, guidance = gpu_model(name, a.tiny, a.device)
         say(started, f"{name}: model ready at {model_dir} ({size}x{size}, {steps} steps, guidance {guidance})")
-        baseline = run_baseline(model_dir, size, steps, guidance, n_seq, n_batched, batch, a.device)
+        baseline = run_baseline(model_dir, size, steps, guidance, n_seq, n_batched, batch, a.device, measure_denoiser=True)
         say(started, f"{name}: in-process sequential {baseline['sequential']}; batched {baseline['batched']}; denoiser {baseline['denoiser']}")
         base_url, model = start_graph(serve_config, model_dir, size, steps, guidance, ROOT / "data" / "bench", "bfloat16")
         say(started, f"{name}: graph up")

@@ -215,7 +215,7 @@ def build(args: argparse.Namespace) -> Path:
         download(deps, flags, wheels)
         dropped = 0
         for whl in sorted(wheels.glob("*.whl")):
-            dropped += restore_wheel(whl, ray_leaves_out if whl.name.startswith("ray-") else (lambda n: False))
+            dropped += restore_wheel(whl, ray_leaves_out) if whl.name.startswith("ray-") else restore_wheel(whl)
         log(f"left out of Ray's wheel: {dropped / 2**20:.1f} MiB (jars, RLlib, dashboard source maps)")
         for rel in PROJECT_FILES:
             src = ROOT / rel

@@ -52,7 +52,6 @@ def build_app(model_dir: str, device: str, dtype: str):
 
     png_level = AppConfig.model_fields["png_compress_level"].default  # the service's own default
 
-    torch.set_num_threads(torch.get_num_threads())  # all cores (torch's default)
     pipe = DiffusionPipeline.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
