@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxImg2ImgPipeline, FluxPipeline
+from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
 from PIL import Image
 
 from serve_app.pipeline.architectures.flux import FluxArchitecture
@@ -187,6 +187,34 @@ def test_img2img_matches_diffusers(flux):
     # and the edit starts from the input: closer to it than a generation is
     plain = stages.generate(DenoiseJob(job.embeddings, [9], HEIGHT, WIDTH, 4, 3.5))
     assert np.abs(ours.astype(float) - pixels).mean() < np.abs(plain.astype(float) - pixels).mean()
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_inpaint_matches_diffusers_and_keeps_the_rest(flux, strength):
+    """A mask on FLUX.1 dev/schnell: FluxInpaintPipeline's blend."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
+    pixels = np.stack([xx * 2, yy * 3, (xx + yy) % 256], -1).astype(np.uint8)
+    pixels = np.clip(pixels + rng.integers(0, 8, pixels.shape), 0, 255).astype(np.uint8)
+    alpha = np.full((HEIGHT, WIDTH), 255, np.uint8)
+    alpha[:, 40:90] = 0  # OpenAI's mask: edit (alpha 0) in a band off the 16-pixel grid
+    _, _, stages = flux
+    edit = stages.vae.encode_image(pixels, alpha)
+    assert edit.mask.shape == (1, 1, HEIGHT // 8, WIDTH // 8) and edit.masked_mean is None
+    job = DenoiseJob(stages.text.encode(PROMPT), [9], HEIGHT, WIDTH, steps=4, guidance=3.5, edit=edit, strength=strength)
+    ours = stages.generate(job)
+    mask = Image.fromarray(np.where(alpha < 128, 255, 0).astype(np.uint8))  # diffusers': white repaints
+    ref = reference(FluxInpaintPipeline, flux, seeds=[9], steps=4, image=Image.fromarray(pixels), mask_image=mask, strength=strength)
+    assert_not_flat(ours)
+    diff = max_diff(ours, ref)
+    print(f"FLUX.1 inpaint ({flux[0]}, strength {strength}): max pixel difference to FluxInpaintPipeline {diff}")
+    assert diff <= 1
+    # Outside the mask the final latents are the input's whatever the
+    # prompt; inside, the prompt changes them.
+    other = DenoiseJob(stages.text.encode("a blue dog"), [9], HEIGHT, WIDTH, 4, 3.5, edit=edit, strength=strength)
+    a, b = stages.latents([job])[-1][1], stages.latents([other])[-1][1]
+    keep = edit.mask[0, 0] == 0
+    assert np.abs(a - b)[:, :, keep].max() == 0 and np.abs(a - b)[:, :, ~keep].max() > 1e-3
 
 
 def test_generic_stages_pick_flux_from_model_index(flux):

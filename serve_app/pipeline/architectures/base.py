@@ -15,6 +15,7 @@ the small data classes in :mod:`serve_app.pipeline.types`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar, Iterator, Literal
 
 import numpy as np
@@ -145,6 +146,30 @@ def edit_start(steps: int, strength: float) -> int:
     1.x/2.x's rounds it first (``serve_app.pipeline.types.edit_steps``), so
     the two disagree for, say, 4 steps at strength 0.6 (3 steps here, 2 there)."""
     return int(max(steps - min(steps * strength, steps), 0))
+
+
+@dataclass
+class FlowInpaint:
+    """Inpainting with an ordinary flow-matching transformer, as diffusers'
+    SD3, FLUX.1 and Z-Image inpaint pipelines do it: after every step the
+    input goes back, noised to the next step's level, wherever the mask
+    keeps it. The tensors are in whatever layout the loop steps (FLUX packs
+    them); ``mask`` is 1 where to repaint and broadcasts over the latents."""
+
+    image_latents: torch.Tensor
+    noise: torch.Tensor
+    mask: torch.Tensor
+
+    def after_step(self, latents: torch.Tensor, scheduler, timesteps: torch.Tensor, i: int) -> torch.Tensor:
+        """Latents after step ``i`` (1-based) of ``timesteps`` -> with the kept region put back."""
+        keep = self.image_latents
+        if i < len(timesteps):
+            keep = scheduler.scale_noise(keep, timesteps[i : i + 1], self.noise)
+        return (1 - self.mask) * keep + self.mask * latents
+
+    def preview(self, x0: torch.Tensor) -> torch.Tensor:
+        """A clean-image estimate with the kept region as it will end: the input's."""
+        return (1 - self.mask) * self.image_latents + self.mask * x0
 
 
 def repaint_mask(alpha: np.ndarray) -> np.ndarray:

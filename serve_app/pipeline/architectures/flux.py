@@ -14,8 +14,10 @@
 
 Edit variants, assembled from the same parts (the loop reads what the VAE
 stage put in ``EditLatents``; the variants differ in what that is):
-- ``FluxPipeline`` / ``FluxImg2ImgPipeline``: image-to-image, the input's
-  latents noised to where the shortened schedule starts.
+- ``FluxPipeline`` / ``FluxImg2ImgPipeline`` / ``FluxInpaintPipeline``:
+  image-to-image, the input's latents noised to where the shortened schedule
+  starts; with a mask, the input put back outside it after every step
+  (``FlowInpaint``), as the inpaint pipeline does with any FLUX.1 model.
 - ``FluxFillPipeline`` (FLUX.1 Fill): an inpainting transformer that also
   reads the masked image's packed latents and the packed pixel mask as
   extra input channels (``FluxFillPipeline.prepare_mask_latents``). It
@@ -51,6 +53,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 
 from serve_app.pipeline.architectures.base import (
     Architecture,
+    FlowInpaint,
     edit_start,
     kept_text,
     prompt_embeddings,
@@ -66,7 +69,7 @@ _MAX_T5_TOKENS = 512
 
 
 class FluxArchitecture(Architecture):
-    pipeline_classes: ClassVar[tuple[str, ...]] = ("FluxPipeline", "FluxImg2ImgPipeline")
+    pipeline_classes: ClassVar[tuple[str, ...]] = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
     text_files: ClassVar[tuple[str, ...]] = ("model_index.json", "tokenizer/*", "tokenizer_2/*", "text_encoder/*", "text_encoder_2/*")
     # The VAE's config gives the latent grid and the latent scaling (below).
     denoiser_files: ClassVar[tuple[str, ...]] = ("model_index.json", "transformer/*", "scheduler/*", "vae/config.json")
@@ -206,8 +209,12 @@ class FluxArchitecture(Architecture):
                     # The clean-image estimate of flow matching: x0 = x_t - sigma_t * v.
                     sigma = run.scheduler.sigmas[run.scheduler.begin_index + i - 1]
                     x0 = latents.float() - sigma * v.float()
+                    if run.inpaint is not None:
+                        x0 = run.inpaint.preview(x0)
                     preview = self._unpack(x0, jobs[0])
                 run.latents = run.scheduler.step(v, t, latents, return_dict=False)[0]
+                if run.inpaint is not None:
+                    run.latents = run.inpaint.after_step(run.latents, run.scheduler, run.timesteps, i)
             if preview is not None:
                 yield "preview", preview
             if every_step:
@@ -264,7 +271,7 @@ class FluxArchitecture(Architecture):
         # 3. Initial latents, drawn unpacked on the CPU from each image's own
         # generator (diffusers' order with a list of generators), then packed;
         # and what an edit adds to the transformer's input.
-        channel_extra = reference_tokens = None
+        channel_extra = reference_tokens = inpaint = None
         if first.edit is None or first.edit.references:
             scheduler.set_begin_index(0)
             noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds]
@@ -277,11 +284,16 @@ class FluxArchitecture(Architecture):
             scheduler.set_begin_index(start * scheduler.order)
             timesteps = timesteps[start * scheduler.order :]
             image, noise, masked = self._edit_draws(jobs, shape)
-            # FluxImg2ImgPipeline and FluxFillPipeline noise the input to where
-            # the shortened schedule starts; with no steps left the input is the result.
+            # FluxImg2ImgPipeline, FluxInpaintPipeline and FluxFillPipeline noise the
+            # input to where the shortened schedule starts; with no steps left the input is the result.
             latents = image if len(timesteps) == 0 else scheduler.scale_noise(image, timesteps[:1].repeat(n), noise)
             if masked is not None:
                 channel_extra = self._fill_conditioning(jobs, masked)
+            elif first.edit.mask is not None:
+                # Masks at the latent grid, on all 16 channels, packed like the latents (FluxInpaintPipeline).
+                masks = [torch.from_numpy(j.edit.mask).repeat_interleave(len(j.seeds), dim=0) for j in jobs]
+                mask = torch.cat(masks).repeat(1, self.latent_channels, 1, 1)
+                inpaint = FlowInpaint(*(self._pack(x.to(self.device, self.dtype)) for x in (image, noise, mask)))
         latents = self._pack(latents.to(self.device, self.dtype))
 
         return FluxRun(
@@ -297,6 +309,7 @@ class FluxArchitecture(Architecture):
             cfg_scale=first.true_cfg_scale,
             channel_extra=channel_extra,
             reference_tokens=reference_tokens,
+            inpaint=inpaint,
         )
 
     def _normalise(self, latents: torch.Tensor) -> torch.Tensor:
@@ -364,14 +377,16 @@ class FluxArchitecture(Architecture):
 
     @torch.inference_mode()
     def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None = None) -> EditLatents:
-        """The input's latent distribution; the denoiser samples it from each image's seed."""
-        if alpha is not None:
-            # Masked edits need FLUX.1 Fill: refused, not run as a whole-image edit.
-            raise EditsUnsupported("FLUX.1 edits here are image-to-image only; a mask needs FLUX.1 Fill")
+        """The input's latent distribution, which the denoiser samples from
+        each image's seed; with a mask, the repaint mask at the latent grid."""
         height, width = pixels.shape[:2]
-        self._grid(height, width)  # packing needs sizes that divide by 16
+        h, w = self._grid(height, width)  # packing needs sizes that divide by 16
         mean, std = self._distribution(to_unit_range(pixels))
-        return EditLatents(mean=mean, std=std)
+        latents = EditLatents(mean=mean, std=std)
+        if alpha is not None:
+            # Nearest-neighbour, as FluxInpaintPipeline.prepare_mask_latents resizes its binarised mask.
+            latents.mask = F.interpolate(torch.from_numpy(repaint_mask(alpha))[None, None], size=(h, w)).numpy()
+        return latents
 
     @torch.inference_mode()
     def probe_vae(self) -> bool:
@@ -444,6 +459,8 @@ class FluxRun:
     channel_extra: torch.Tensor | None = None
     # FLUX.1 Kontext, FLUX.2: (images, reference tokens, channels) after the generated tokens.
     reference_tokens: torch.Tensor | None = None
+    # FLUX.1 inpainting with an ordinary transformer, packed like the latents.
+    inpaint: FlowInpaint | None = None
 
     def model_input(self, latents: torch.Tensor) -> torch.Tensor:
         """The transformer's hidden states for this step, per guidance half."""

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serve_app.pipeline.architectures.base import Architecture, edit_start, kept_text, prompt_embeddings, repaint_mask
+from serve_app.pipeline.architectures.base import Architecture, FlowInpaint, edit_start, kept_text, prompt_embeddings, repaint_mask
 from serve_app.pipeline.components import ModelLayoutError
 from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings
 
@@ -154,21 +154,16 @@ class SD3Architecture(Architecture):
                     velocity = uncond + first.guidance * (text - uncond)
                 noisy = latents
                 latents = run.scheduler.step(velocity, t, latents, return_dict=False)[0]
-                if run.mask is not None:
-                    # Inpainting: put the input back, noised to the next step's
-                    # level, wherever the mask keeps it (diffusers' SD3 inpaint).
-                    keep = run.image_latents
-                    if i < len(timesteps):
-                        keep = run.scheduler.scale_noise(keep, timesteps[i : i + 1], run.noise)
-                    latents = (1 - run.mask) * keep + run.mask * latents
+                if run.inpaint is not None:
+                    latents = run.inpaint.after_step(latents, run.scheduler, timesteps, i)
                 preview = None
                 if i in preview_steps and i < len(timesteps):
                     # The clean-image estimate of flow matching: x_t = (1 - s) x0 + s e
                     # and v = e - x0 give x0 = x_t - s v, s this step's sigma.
                     sigma = run.scheduler.sigmas[run.scheduler.step_index - 1].to(noisy.device, noisy.dtype)
                     x0 = noisy - sigma * velocity
-                    if run.mask is not None:
-                        x0 = (1 - run.mask) * run.image_latents + run.mask * x0
+                    if run.inpaint is not None:
+                        x0 = run.inpaint.preview(x0)
                     preview = x0.float().cpu().numpy()
             if preview is not None:
                 yield "preview", preview
@@ -263,7 +258,7 @@ class _Run:
         # 3. Starting latents.
         f = arch.vae_scale_factor
         shape = (1, arch.transformer.config.in_channels, first.height // f, first.width // f)
-        self.mask = self.image_latents = None
+        self.inpaint = None
         if first.edit is None:
             seeds = [s for j in jobs for s in j.seeds]
             noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds]
@@ -283,13 +278,13 @@ class _Run:
                 noise.append(torch.randn(mean.shape, generator=g, dtype=torch.float32))
                 if e.mask is not None:
                     masks.append(torch.from_numpy(e.mask))
-        self.image_latents = ((torch.cat(samples) - arch.shift_factor) * arch.scaling_factor).to(device, dtype)
-        self.noise = torch.cat(noise).to(device, dtype)
+        image_latents = ((torch.cat(samples) - arch.shift_factor) * arch.scaling_factor).to(device, dtype)
+        noise = torch.cat(noise).to(device, dtype)
         if masks:
-            self.mask = torch.cat(masks).to(device, dtype)
+            self.inpaint = FlowInpaint(image_latents, noise, torch.cat(masks).to(device, dtype))
         if len(self.timesteps) == 0:
-            self.latents = self.image_latents  # strength 0: the input itself
-        elif self.mask is not None and first.strength == 1.0:
-            self.latents = self.noise  # diffusers' inpaint starts from pure noise at full strength
+            self.latents = image_latents  # strength 0: the input itself
+        elif masks and first.strength == 1.0:
+            self.latents = noise  # diffusers' SD3 inpaint starts from pure noise at full strength
         else:
-            self.latents = scheduler.scale_noise(self.image_latents, self.timesteps[:1].repeat(len(self.noise)), self.noise)
+            self.latents = scheduler.scale_noise(image_latents, self.timesteps[:1].repeat(len(noise)), noise)

@@ -56,6 +56,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_de
 
 from serve_app.pipeline.architectures.base import (
     Architecture,
+    FlowInpaint,
     edit_start,
     kept_text,
     prompt_embeddings,
@@ -200,17 +201,12 @@ class ZImageArchitecture(Architecture):
                     # The clean-image estimate of flow matching: x0 = x_t - sigma_t * v.
                     sigma = run.scheduler.sigmas[run.scheduler.begin_index + i - 1]
                     x0 = latents - sigma * v
-                    if run.mask is not None:
-                        x0 = (1 - run.mask) * run.image_latents + run.mask * x0
+                    if run.inpaint is not None:
+                        x0 = run.inpaint.preview(x0)
                     preview = x0.cpu().numpy()
                 latents = run.scheduler.step(v, t, latents, return_dict=False)[0]
-                if run.mask is not None:
-                    # Inpainting: the input back, noised to the next step's
-                    # level, wherever the mask keeps it (ZImageInpaintPipeline).
-                    keep = run.image_latents
-                    if i < steps:
-                        keep = run.scheduler.scale_noise(keep, run.timesteps[i : i + 1], run.noise)
-                    latents = (1 - run.mask) * keep + run.mask * latents
+                if run.inpaint is not None:
+                    latents = run.inpaint.after_step(latents, run.scheduler, run.timesteps, i)
                 run.latents = latents
             if preview is not None:
                 yield "preview", preview
@@ -262,15 +258,11 @@ class ZImageArchitecture(Architecture):
         scheduler.set_begin_index(start)
         run.timesteps = timesteps[start:]
         images, noises, masks = self._edit_draws(jobs, shape)
-        run.image_latents, run.noise = images.to(self.device), noises.to(self.device)
+        images, noises = images.to(self.device), noises.to(self.device)
         if masks:
-            run.mask = torch.cat(masks).to(self.device)
+            run.inpaint = FlowInpaint(images, noises, torch.cat(masks).to(self.device))
         # Noised to where the shortened schedule starts; with no steps left the input is the result.
-        run.latents = (
-            run.image_latents
-            if len(run.timesteps) == 0
-            else scheduler.scale_noise(run.image_latents, run.timesteps[:1].repeat(len(seeds)), run.noise)
-        )
+        run.latents = images if len(run.timesteps) == 0 else scheduler.scale_noise(images, run.timesteps[:1].repeat(len(seeds)), noises)
         return run
 
     def _edit_draws(self, jobs: list[DenoiseJob], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -335,7 +327,4 @@ class _Run:
     captions: list[torch.Tensor]  # one (tokens, dim) per row: prompts, then (guidance) negative prompts
     halves: int  # 2 with guidance: each image runs with the prompt and the negative prompt
     guidance: float
-    # Edits: the input's latents and each image's noise; inpainting: 1 where to repaint.
-    image_latents: torch.Tensor | None = None
-    noise: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
+    inpaint: FlowInpaint | None = None
