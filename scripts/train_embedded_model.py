@@ -177,7 +177,6 @@ def train_unet(args, rng: random.Random, vae, out: Path) -> tuple:
     unet = embedded.unet()
     # The training noise schedule is the sampler's (same betas).
     noise_schedule = DDPMScheduler.from_config(embedded.scheduler().config)
-    alphas_cumprod = noise_schedule.alphas_cumprod
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
@@ -199,10 +198,11 @@ def train_unet(args, rng: random.Random, vae, out: Path) -> tuple:
         timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(scenes),))
         noisy = noise_schedule.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
-        # Min-SNR weighting (gamma 5): the noisiest steps, where layout is decided, are not drowned out.
-        snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
-        weight = torch.clamp(snr, max=5.0) / snr
-        loss = (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        # v-prediction, unweighted: at the last (pure-noise) step v is minus
+        # the clean latents, so that step, where the caption alone decides
+        # colours and layout, is learnt at full weight (min-SNR weighting
+        # would give it none).
+        loss = F.mse_loss(prediction, noise_schedule.get_velocity(latents, noise, timesteps))
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(args.unet_lr, budget.fraction)
         optimizer.zero_grad(set_to_none=True)
