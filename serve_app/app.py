@@ -45,7 +45,7 @@ def build_graph(args: dict[str, Any] | None = None, model_stages: dict[str, type
     config, registry = load_app_config(args)
     classes = {**MODEL_STAGES, **(model_stages or {})}
     stages = config.stages
-    model_cache = str(config.model_cache_path)
+    model_cache = config.model_cache_setting  # resolved by each replica on its node
     pipelines: dict[str, dict[str, Application]] = {}
     for name, pipeline in registry.pipelines.items():
         pipelines[name] = {

@@ -34,6 +34,14 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return p if p.is_absolute() else PROJECT_ROOT / p
 
 
+def node_path(path: str) -> Path:
+    """A path that means a place on each node: ``$VARS`` (and ``~``) expand
+    from the environment of the process that asks, so a replica resolves it
+    on its own node (nodes that mount their local disks in different places
+    can say ``$LOCAL_DISK/model-cache``)."""
+    return resolve_path(os.path.expandvars(path))
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -536,7 +544,7 @@ class AppConfig(_Strict):
     model_cache_dir: str | None = Field(
         default=None,
         description="Where remote model sources (fsspec URLs, Hugging Face ids) are downloaded on each node; "
-        "default <data_dir>/model-cache.",
+        "$VARS expand on each node from its own environment. Default <data_dir>/model-cache.",
     )
     url_signing_key: str | None = Field(
         default=None,
@@ -636,8 +644,14 @@ class AppConfig(_Strict):
         return self.image_store or (self.data_path / "images").as_uri()
 
     @property
+    def model_cache_setting(self) -> str:
+        """model_cache_dir as configured, which each replica resolves on its own node (``node_path``)."""
+        return self.model_cache_dir or str(self.data_path / "model-cache")
+
+    @property
     def model_cache_path(self) -> Path:
-        return resolve_path(self.model_cache_dir) if self.model_cache_dir else self.data_path / "model-cache"
+        """The model cache as this process's node sees it."""
+        return node_path(self.model_cache_setting)
 
     @property
     def sweeps_image_store(self) -> bool:

@@ -118,6 +118,10 @@ class LocalRayCluster:
         )
         return env
 
+    def disk(self, node: str) -> Path:
+        """The folder that is the node's own disk ($NODE_DISK on that node)."""
+        return self.temp_dir / f"{node}-disk"
+
     @property
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
@@ -145,10 +149,11 @@ class LocalRayCluster:
             "--object-store-memory=100000000", "--include-log-monitor=false", "--disable-usage-stats",
             *args,
         ]  # fmt: skip
+        # A folder standing in for the node's own disk: its processes (the
+        # raylet and the workers it starts) see it as $NODE_DISK.
+        env = {**self.env, "NODE_DISK": str(self.disk(name))}
         with open(log, "wb") as out:
-            process = subprocess.Popen(
-                command, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         node = Node(name, resources, process, log)
         self.nodes.append(node)
         return node

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from serve_app.config import PipelineConfig, StageOptions
+from serve_app.config import PipelineConfig, StageOptions, node_path
 from serve_app.pipeline.components import PipelineLayout, pick_device, pick_dtype
 from serve_app.pipeline.architectures import architecture_for
 from serve_app.pipeline.architectures.base import Stage
@@ -81,7 +81,7 @@ class ModelStage:
         self._problem: str | None = None
         self.options = options
         try:
-            self.load(*prepare_replica(pipeline, options, self.stage, Path(cache_dir)))
+            self.load(*prepare_replica(pipeline, options, self.stage, node_path(cache_dir)))
         except Exception as exc:  # noqa: BLE001 - reported by problem(), logged with its traceback
             detail = str(exc) if isinstance(exc, ModelSourceError) else f"{pipeline.source}: {type(exc).__name__}: {exc}"
             self._problem = f"cannot load the {self.stage} stage from {detail}"

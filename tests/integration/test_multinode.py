@@ -7,7 +7,10 @@ custom resources standing in for node kinds: the head is a "CPU" node, the
 two workers are "GPU-like" nodes. The shipped CPU profile (serve_config.yaml)
 is deployed with the ``serve deploy`` CLI, with ``ray_actor_options.resources``
 placing the denoiser replicas on the GPU-like nodes and every other stage on
-the head. Its model stages are the sleeping stand-ins of tests/stub_stages.py
+the head. The model comes from the tests' S3 endpoint, and each node downloads what
+its stages load into a cache on its own "disk" (``model_cache_dir:
+$NODE_DISK/model-cache``, a folder per node). Its model stages are the
+sleeping stand-ins of tests/stub_stages.py
 (``import_path: tests.stub_stages:build_app``, which is the shipped builder
 with those classes swapped in): every Serve and Ray mechanism is the real
 one, a request costs sleep, not CPU, and a request is in flight long enough
@@ -40,6 +43,15 @@ STEP_S = 0.25  # the tiny registry's 4 steps: a batch denoises for ~1 s
 BODY = {"model": "dall-e-2", "prompt": "a lighthouse", "size": "256x256", "response_format": "b64_json"}
 
 
+def s3_registry(app_args: dict, s3_models: str, storage_options: dict, path: Path) -> str:
+    """The test registry with its pipeline's source on S3."""
+    registry = yaml.safe_load(Path(app_args["models"]).read_text())
+    (pipeline,) = registry["pipelines"].values()
+    pipeline.update(source=f"{s3_models}/tiny-sd/", storage_options=storage_options)
+    path.write_text(yaml.safe_dump(registry))
+    return str(path)
+
+
 def placed_config(app_args: dict, http_port: int) -> dict:
     """serve_config.yaml as shipped, on the test's registry and data dir, with
     each stage placed by node kind and the stand-in model stages."""
@@ -54,6 +66,7 @@ def placed_config(app_args: dict, http_port: int) -> dict:
     app["args"] = {
         **app["args"],
         **{k: app_args[k] for k in ("models", "data_dir", "api_keys_file", "url_signing_key")},
+        "model_cache_dir": "$NODE_DISK/model-cache",  # expanded on each node
         "sweep_interval_s": 0,  # one process fewer to start
         "stub_models": {"step_s": STEP_S, "decode_s": 0.05},
     }
@@ -85,10 +98,15 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.5):
 
 
 @pytest.fixture(scope="module")
-def cluster(app_args, tmp_path_factory):
-    """The cluster with the application deployed and running; torn down whatever happens."""
+def cluster(app_args, tmp_path_factory, s3_endpoint, s3_models):
+    """The cluster with the application deployed and running, its model on
+    S3; torn down whatever happens. ``s3_gets``: the S3 GETs made while it
+    started."""
     global STARTED
     STARTED = time.monotonic()
+    folder = tmp_path_factory.mktemp("multinode")
+    app_args = {**app_args, "models": s3_registry(app_args, s3_models, s3_endpoint.storage_options, folder / "models.yaml")}
+    requests_before = len(s3_endpoint.requests)
     with LocalRayCluster() as cluster:
         cluster.start_head({"cpu_like": 16}, num_cpus=2)
         cluster.add_worker("gpu_a", {"gpu_like": 1}, num_cpus=1)
@@ -96,7 +114,7 @@ def cluster(app_args, tmp_path_factory):
         cluster.wait_for_nodes(120)
         print("nodes up", time.monotonic() - STARTED)
         cluster.http_url = f"http://127.0.0.1:{free_port()}"
-        config_file = tmp_path_factory.mktemp("multinode") / "serve_config.yaml"
+        config_file = folder / "serve_config.yaml"
         config_file.write_text(yaml.safe_dump(placed_config(app_args, int(cluster.http_url.rsplit(":", 1)[1]))))
         deployed = cluster.cli("serve", "deploy", "--address", cluster.dashboard_url, str(config_file))
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
@@ -109,6 +127,7 @@ def cluster(app_args, tmp_path_factory):
 
         wait_until(app_running, 180, "the application to run")
         print("app running", time.monotonic() - STARTED)
+        cluster.s3_gets = [path for method, path in s3_endpoint.requests[requests_before:] if method == "GET"]
         yield cluster
 
 
@@ -135,6 +154,33 @@ def test_serve_deploy_places_each_stage_on_its_node_kind(cluster, client):
     for deployment in ("ImagesIngress", "TextEncoder-tiny-sd", "VaeDecoder-tiny-sd", "PostProcessor"):
         assert [r["node_id"] for r in placed[deployment]] == head, deployment
     assert "is a local folder, and this Ray cluster has 3 nodes" in cluster.logs("worker-*.err")
+
+
+def cached(cluster: LocalRayCluster, node: str) -> dict[str, set[str]]:
+    """The model files in a node's own cache, by stage folder."""
+    cache = cluster.disk(node) / "model-cache"
+    if not cache.exists():
+        return {}
+    (source,) = cache.iterdir()  # one source: s3://models/tiny-sd/
+    return {stage.name: {p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file()} for stage in source.iterdir() if stage.is_dir()}
+
+
+def test_each_node_downloads_what_its_stages_load_once_into_its_own_cache(cluster):
+    """The S3 source is copied into each node's own cache ($NODE_DISK), each
+    node fetching only the stages it runs: the UNet's weights once per GPU-like
+    node (two GETs in all), the text encoder's and the VAE's once, on the head."""
+    head, gpu_a, gpu_b = (cached(cluster, n) for n in ("head", "gpu_a", "gpu_b"))
+    assert set(head) == {"model_index", "text_encoder", "vae_decoder"}
+    assert set(gpu_a) == set(gpu_b) == {"model_index", "denoiser"}
+    assert "unet/diffusion_pytorch_model.safetensors" in gpu_a["denoiser"] == gpu_b["denoiser"]
+    assert not any(f.startswith("unet/diffusion") for f in head["text_encoder"] | head["vae_decoder"])
+
+    def gets(suffix: str) -> int:
+        return sum(path.endswith(suffix) for path in cluster.s3_gets)
+
+    assert gets("/tiny-sd/unet/diffusion_pytorch_model.safetensors") == 2
+    assert gets("/tiny-sd/text_encoder/model.safetensors") == 1
+    assert gets("/tiny-sd/vae/diffusion_pytorch_model.safetensors") == 1
 
 
 def test_losing_a_gpu_node_mid_request(cluster):

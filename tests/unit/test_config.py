@@ -95,6 +95,17 @@ def test_relative_paths_resolve_against_project_root():
     assert config.image_store_url == (ROOT / "data" / "images").as_uri()
 
 
+def test_model_cache_dir_expands_variables_where_it_is_resolved(monkeypatch):
+    """The builder hands replicas the setting as written; each resolves it on
+    its own node, with that node's environment."""
+    config = AppConfig(model_cache_dir="$NODE_DISK/model-cache")
+    assert config.model_cache_setting == "$NODE_DISK/model-cache"
+    monkeypatch.setenv("NODE_DISK", "/mnt/a")
+    assert config.model_cache_path == Path("/mnt/a/model-cache")
+    monkeypatch.setenv("NODE_DISK", "/mnt/b")
+    assert config.model_cache_path == Path("/mnt/b/model-cache")
+
+
 def test_storage_and_cache_defaults_and_limits():
     config = AppConfig(data_dir="data")
     assert config.model_cache_path == ROOT / "data" / "model-cache"
