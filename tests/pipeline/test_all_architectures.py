@@ -70,7 +70,7 @@ def test_every_architecture_generates_at_two_sizes_and_streams(client, model):
 
 @pytest.mark.parametrize("model, masked", [
     ("tiny-sd", True), ("tiny-sdxl", True), ("tiny-sd-inpaint", True), ("tiny-sd3", True), ("tiny-sd3", False),
-    ("tiny-flux-dev", False), ("tiny-flux-fill", True), ("tiny-flux-fill", False), ("tiny-flux-kontext", False),
+    ("tiny-flux-dev", False), ("tiny-flux-schnell", True), ("tiny-flux-fill", True), ("tiny-flux-fill", False), ("tiny-flux-kontext", False),
     ("tiny-flux2-klein", False), ("tiny-qwen-image-edit", False), ("tiny-z-image", True), ("tiny-z-image", False),
 ])
 def test_each_edit_model_edits(client, model, masked):
@@ -85,7 +85,7 @@ def test_each_edit_model_edits(client, model, masked):
         assert np.array_equal(out[keep], np.asarray(Image.open(io.BytesIO(png())).convert("RGB"))[keep])
 
 
-@pytest.mark.parametrize("model", ["tiny-flux-dev", "tiny-flux-kontext", "tiny-flux2-klein"])
+@pytest.mark.parametrize("model", ["tiny-flux-kontext", "tiny-flux2-klein"])
 def test_a_masked_edit_the_architecture_cannot_make_is_a_400(client, model):
     files = {"image": ("a.png", png(), "image/png"), "mask": ("m.png", band_mask()[0], "image/png")}
     resp = client.post(EDITS, files=files, data={"prompt": "a hat", "model": model, "size": "256x256"})
