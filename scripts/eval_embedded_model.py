@@ -177,19 +177,21 @@ def main() -> None:
     parser.add_argument("--inpaint", type=int, default=12, help="inpainting cases")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
     parser.add_argument("--guidance", type=float, help="guidance (default: the pipeline's)")
+    parser.add_argument("--source", help="a pipeline folder to score instead of the registry's (a training checkpoint)")
     parser.add_argument("--sheet", default=str(ROOT / "results" / "embedded-eval.png"), help="contact sheet to write")
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(2)
-    extra = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance)) if v is not None}
-    if extra:
+    if args.steps or args.guidance or args.source:
         # The registry's pipeline defaults are what the service uses; overriding them means a registry of our own.
         import yaml
 
         registry = yaml.safe_load(Path(args.models).read_text())
         for pipeline in registry["pipelines"].values():
+            if args.source:
+                pipeline["source"] = str(Path(args.source).resolve())
             if args.steps:
                 pipeline["default_steps"] = args.steps
             if args.guidance:

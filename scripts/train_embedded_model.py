@@ -99,6 +99,26 @@ def learning_rate(peak: float, fraction: float, warmup: float = 0.03) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def colour_errors(vae, resolution: int = 128) -> dict[str, float]:
+    """Each named colour as a whole background, through encode -> decode:
+    the mean error of its middle, in levels. A VAE that maps two colours to
+    one latent (a flat image keeps only the pattern across channels through
+    its group norms) shows here as a large error for one of them."""
+    from serve_app.pipeline.scenes import COLOURS, Scene
+
+    was_training = vae.training
+    vae.eval()
+    errors = {}
+    with torch.no_grad():
+        for name in COLOURS:
+            pixels = to_tensor([to_array(render(Scene(name, ()), resolution))])
+            out = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
+            q = resolution // 4
+            errors[name] = float((out - pixels)[..., q:-q, q:-q].abs().mean() * 127.5)
+    vae.train(was_training)
+    return errors
+
+
 def train_vae(args, rng: random.Random) -> "AutoencoderKL":  # noqa: F821
     from diffusers import AutoencoderKL
 
@@ -125,7 +145,10 @@ def train_vae(args, rng: random.Random) -> "AutoencoderKL":  # noqa: F821
         budget.done += 1
         if budget.done % 25 == 0:
             log(f"vae step {budget.done} loss {loss.item():.4f} ({budget.elapsed / 60:.1f} min)")
+        if budget.done % 200 == 0:
+            log("vae colour errors (levels): " + " ".join(f"{k} {v:.0f}" for k, v in colour_errors(vae).items()))
     log(f"vae: {budget.done} steps in {budget.elapsed / 60:.1f} min")
+    log("vae colour errors (levels): " + " ".join(f"{k} {v:.0f}" for k, v in colour_errors(vae).items()))
     vae.eval()
     # Scale latents to unit variance, measured on whole scenes.
     with torch.no_grad():
@@ -166,11 +189,11 @@ def train_decoder(args, rng: random.Random, vae) -> None:
     vae.eval()
 
 
-def train_unet(args, rng: random.Random, vae, out: Path) -> tuple:
+def train_unet(args, rng: random.Random, vae, scratch: Path, out: Path) -> tuple:
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 
-    write_tokenizer_to = out / "tokenizer"
+    write_tokenizer_to = scratch / "tokenizer"
     embedded.write_caption_tokenizer(write_tokenizer_to)
     tokenizer = CLIPTokenizer.from_pretrained(str(write_tokenizer_to))
     text_encoder = embedded.text_encoder(len(tokenizer))
@@ -218,6 +241,10 @@ def train_unet(args, rng: random.Random, vae, out: Path) -> tuple:
         losses.append(loss.item())
         if budget.done % 50 == 0:
             log(f"unet step {budget.done} loss {np.mean(losses[-50:]):.4f} ({budget.elapsed / 60:.1f} min)")
+        if args.checkpoint_steps and budget.done % args.checkpoint_steps == 0:
+            # The EMA weights so far, as a whole pipeline: the eval script can score a run as it goes.
+            save(out / "checkpoint", vae, tokenizer, ema_text, ema_unet)
+            log(f"checkpoint at step {budget.done}: {out / 'checkpoint'}")
     log(f"unet: {budget.done} steps in {budget.elapsed / 60:.1f} min")
     return tokenizer, ema_text, ema_unet
 
@@ -260,6 +287,7 @@ def main() -> None:
     parser.add_argument("--decoder-lr", type=float, default=5e-4)
     parser.add_argument("--decoder-out", help="where the decoder stage writes the VAE (default: --out's vae)")
     parser.add_argument("--ema", type=float, default=0.995)
+    parser.add_argument("--checkpoint-steps", type=int, help="also save the UNet stage's weights so far to OUT/checkpoint every this many steps")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -285,7 +313,7 @@ def main() -> None:
     else:
         vae = AutoencoderKL.from_pretrained(str(out / "vae")).eval()
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer, text_encoder, unet = train_unet(args, random.Random(args.seed + 1), vae, Path(scratch))
+        tokenizer, text_encoder, unet = train_unet(args, random.Random(args.seed + 1), vae, Path(scratch), out)
         if args.stage == "all":
             train_decoder(args, random.Random(args.seed + 2), vae)
         save(out, vae, tokenizer, text_encoder, unet)
