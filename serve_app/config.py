@@ -372,6 +372,13 @@ class StageOptions(_Strict):
     batch_wait_timeout_s: float = Field(
         default=0.005, ge=0.0, le=10.0, description="How long a batch waits for more requests before it starts."
     )
+    release_memory_after_idle_s: float | None = Field(
+        default=10.0,
+        gt=0,
+        description="Denoiser and VAE decoder: once no batch has run for this many seconds, give the C allocator's free "
+        "pages back to the system (glibc malloc_trim), so a replica idles at its model's size rather than at its "
+        "busiest moment's; the next batch pays to fault them in again. None: never.",
+    )
     channels_last: bool = Field(default=False, description="GPU: run UNet/VAE convolutions in channels_last memory format.")
     compile: bool = Field(default=False, description="GPU: torch.compile the UNet (denoiser) or VAE decoder on load.")
 

@@ -9,6 +9,13 @@ calls that arrive while a batch computes wait for the loop and form the
 next batch; a stepwise compute gives the loop a turn between steps. Only
 one batch computes at a time.
 
+After a quiet spell (``release_memory_after_idle_s``) the runner hands the
+allocator's free pages back to the system: glibc keeps the buffers of the
+last large batch (hundreds of MB for a VAE decode of 1024² images) mapped
+for reuse, which is right while busy and only costs memory once idle. Not on
+every batch: the next batch would fault them all in again
+(docs/reliability.md, "Memory").
+
 A queue of our own rather than ``@serve.batch``: Ray keeps one queue per
 decorated function per process, which two stages in one process (as in the
 tests) would share; this one belongs to its instance and needs no Ray.
@@ -21,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from serve_app import allocator
 from serve_app.config import StageOptions
 from serve_app.metrics import BATCH_SIZE, QUEUE_WAIT, STAGE_SECONDS
 
@@ -59,11 +67,17 @@ class BatchRunner:
         # Process CPU seconds per wall second of the last batch: ~torch_threads
         # when intra-op parallelism works, ~1 when it silently does not.
         self.last_cpu_per_wall: float | None = None
+        self.release_after_s = options.release_memory_after_idle_s
+        self._release: asyncio.TimerHandle | None = None
 
     async def run(self, item: Any, images: int) -> Any:
+        self._cancel_release()
         if self.max_images <= 1 or images >= self.max_images:
             async with self._lock:
-                return (await self._compute([_Pending(time.monotonic(), item, images, None)]))[0]  # type: ignore[arg-type]
+                try:
+                    return (await self._compute([_Pending(time.monotonic(), item, images, None)]))[0]  # type: ignore[arg-type]
+                finally:
+                    self._release_when_idle()
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(time.monotonic(), item, images, future))
         self._arrival.set()
@@ -74,7 +88,30 @@ class BatchRunner:
     def _queued_images(self) -> int:
         return sum(p.images for p in self._pending)
 
+    def _cancel_release(self) -> None:
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
+
+    def _release_when_idle(self) -> None:
+        """Hand free memory back once nothing has run for ``release_after_s``."""
+        if self.release_after_s is None or self._pending:
+            return
+        self._cancel_release()
+        self._release = asyncio.get_running_loop().call_later(self.release_after_s, self._release_if_idle)
+
+    def _release_if_idle(self) -> None:
+        self._release = None
+        if not self._pending and not self._lock.locked():
+            allocator.trim()
+
     async def _loop(self) -> None:
+        try:
+            await self._run_batches()
+        finally:
+            self._release_when_idle()
+
+    async def _run_batches(self) -> None:
         while self._pending:
             # Wait for company until the first call has waited wait_s or the batch is full.
             deadline = self._pending[0].arrived + self.wait_s

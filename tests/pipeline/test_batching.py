@@ -165,3 +165,44 @@ def test_cancelled_denoise_stops_within_a_step(stage_code, tiny_sd_dir):
 
     ran = asyncio.run(main())
     assert 0 < ran < 200, f"{ran} of 200 steps ran"
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_free_memory_goes_back_once_idle_not_between_batches(monkeypatch, batch_size):
+    """After release_memory_after_idle_s without a batch the runner trims the
+    allocator once; a call inside that window puts it off."""
+    from serve_app.deployments import batching
+
+    trims = []
+    monkeypatch.setattr(batching.allocator, "trim", lambda: trims.append(time.monotonic()) or True)
+    options = StageOptions(max_batch_size=batch_size, batch_wait_timeout_s=0.0, release_memory_after_idle_s=0.2)
+    runner = BatchRunner("vae_decoder", lambda items: list(items), options)
+
+    async def main():
+        assert await runner.run("a", 1) == "a"
+        await asyncio.sleep(0.1)
+        assert trims == []  # not yet idle long enough
+        assert await runner.run("b", 1) == "b"  # puts the release off
+        await asyncio.sleep(0.15)
+        assert trims == []
+        await asyncio.sleep(0.15)
+        assert len(trims) == 1
+        await asyncio.sleep(0.3)
+        assert len(trims) == 1  # once per quiet spell, not again and again
+
+    asyncio.run(main())
+
+
+def test_no_release_when_turned_off(monkeypatch):
+    from serve_app.deployments import batching
+
+    trims = []
+    monkeypatch.setattr(batching.allocator, "trim", lambda: trims.append(1) or True)
+    runner = BatchRunner("denoiser", lambda items: list(items), StageOptions(max_batch_size=4, release_memory_after_idle_s=None))
+
+    async def main():
+        await runner.run("a", 1)
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert trims == []
