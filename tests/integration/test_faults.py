@@ -170,7 +170,7 @@ def test_requests_during_startup_get_503_model_not_ready(service_url, app_args):
     from serve_app.app import build_graph
 
     name, url = "images-startup", f"{service_url}/startup"
-    app = build_graph({**app_args, "stages": fault_stages(1, 1)}, model_stages=stub_model_stages(0.01, 0.01, load_s=15))
+    app = build_graph({**app_args, "stages": fault_stages(1, 1)}, model_stages=stub_model_stages(0.01, 0.01, load_s=8))
     deploying = threading.Thread(target=serve.run, args=(app,), kwargs={"name": name, "route_prefix": "/startup"})
     deploying.start()
     try:
