@@ -180,13 +180,12 @@ def test_free_memory_goes_back_once_idle_not_between_batches(monkeypatch, batch_
 
     async def main():
         assert await runner.run("a", 1) == "a"
-        await asyncio.sleep(0.1)
-        assert trims == []  # not yet idle long enough
-        assert await runner.run("b", 1) == "b"  # puts the release off
-        await asyncio.sleep(0.15)
-        assert trims == []
-        await asyncio.sleep(0.15)
-        assert len(trims) == 1
+        first = runner._release
+        assert first is not None and trims == []  # scheduled for later, not run after the batch
+        assert await runner.run("b", 1) == "b"
+        assert first.cancelled() and runner._release is not None and trims == []  # a new call puts it off
+        await asyncio.sleep(0.3)
+        assert len(trims) == 1 and runner._release is None
         await asyncio.sleep(0.3)
         assert len(trims) == 1  # once per quiet spell, not again and again
 
@@ -202,6 +201,7 @@ def test_no_release_when_turned_off(monkeypatch):
 
     async def main():
         await runner.run("a", 1)
+        assert runner._release is None  # nothing scheduled
         await asyncio.sleep(0.05)
 
     asyncio.run(main())
