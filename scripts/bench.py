@@ -249,7 +249,8 @@ def start_graph(serve_config: Path, model_dir: Path, size: int, steps: int, guid
     data_dir.mkdir(parents=True, exist_ok=True)
     reg_path = data_dir / "bench-models.yaml"
     reg_path.write_text(yaml.safe_dump(registry))
-    args.update(models=str(reg_path), data_dir=str(data_dir))
+    # One pipeline, "bench": a config's stage groups name pipelines of its own registry.
+    args.update(models=str(reg_path), data_dir=str(data_dir), stage_groups={})
     return start_local_graph(args) + "/v1", "bench"
 
 

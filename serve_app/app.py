@@ -2,9 +2,10 @@
 
 Deployment classes are plain classes; this is the one place that turns them
 into Ray Serve deployments, with options from the validated config, and binds
-the graph: per pipeline a TextEncoder, a Denoiser and a VaeDecoder; one
-PostProcessor; one ImageSweeper when the image store is swept; one
-RateLimiter when rate limits are set; one ImagesIngress in front.
+the graph: per pipeline (or per stage group of pipelines) a TextEncoder, a
+Denoiser and a VaeDecoder; one PostProcessor; one ImageSweeper when the
+image store is swept; one RateLimiter when rate limits are set; one
+ImagesIngress in front.
 """
 
 from __future__ import annotations
@@ -46,14 +47,20 @@ def build_graph(args: dict[str, Any] | None = None, model_stages: dict[str, type
     classes = {**MODEL_STAGES, **(model_stages or {})}
     stages = config.stages
     model_cache = config.model_cache_setting  # resolved by each replica on its node
+    # One TextEncoder, Denoiser and VaeDecoder per stage group (by default
+    # each pipeline is a group of its own); the ingress gets each pipeline's
+    # three handles, shared by the pipelines of a group.
     pipelines: dict[str, dict[str, Application]] = {}
-    for name, pipeline in registry.pipelines.items():
-        pipelines[name] = {
+    for group, names in config.stage_group_members(list(registry.pipelines)).items():
+        members = {name: registry.pipelines[name] for name in names}
+        handles = {
             key: serve.deployment(
-                cls, name=deployment_name(MODEL_STAGES[key].__name__, name), **getattr(stages, key).deployment_options()
-            ).bind(pipeline, getattr(stages, key), model_cache)
+                cls, name=deployment_name(MODEL_STAGES[key].__name__, group), **getattr(stages, key).deployment_options()
+            ).bind(members, getattr(stages, key), model_cache)
             for key, cls in classes.items()
         }
+        for name in names:
+            pipelines[name] = handles
     post_processor = serve.deployment(
         PostProcessor, name="PostProcessor", **stages.post_processor.deployment_options()
     ).bind(config)

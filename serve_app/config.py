@@ -619,6 +619,37 @@ class AppConfig(_Strict):
         description="Deployment options per stage; each stage's keys override its defaults one by one.",
     )
 
+    stage_groups: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Pipelines that share their model stages: {group: [pipeline, ...]} deploys one TextEncoder, one "
+        "Denoiser and one VaeDecoder per group, each replica holding that stage of every pipeline in it (small "
+        "models in fewer processes). A pipeline in no group has its own three deployments, named after it.",
+    )
+
+    def stage_group_members(self, pipelines: list[str]) -> dict[str, list[str]]:
+        """Deployment group -> the registry's pipelines it serves; a pipeline
+        in no group is a group of its own, under its own name. ValueError names
+        a group member the registry lacks, a pipeline in two groups, or a group
+        named like another pipeline."""
+        members: dict[str, list[str]] = {}
+        grouped: dict[str, str] = {}
+        for group, names in self.stage_groups.items():
+            if not names:
+                raise ValueError(f"stage_groups.{group} lists no pipeline")
+            for name in names:
+                if name not in pipelines:
+                    raise ValueError(f"stage_groups.{group}: the registry has no pipeline {name!r}; it has {sorted(pipelines)}")
+                if name in grouped:
+                    raise ValueError(f"stage_groups: pipeline {name!r} is in both {grouped[name]!r} and {group!r}")
+                grouped[name] = group
+            if group in pipelines and group not in names:
+                raise ValueError(f"stage_groups.{group}: a group may not be named like pipeline {group!r}, which it does not hold")
+            members[group] = list(names)
+        for name in pipelines:
+            if name not in grouped:
+                members[name] = [name]
+        return members
+
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, values: list[str]) -> list[str]:
@@ -674,7 +705,9 @@ def load_registry(path: str | os.PathLike) -> ModelRegistry:
 def load_app_config(args: dict[str, Any] | None) -> tuple[AppConfig, ModelRegistry]:
     """Validate the application args and load the registry they name."""
     config = AppConfig.model_validate(args or {})
-    return config, load_registry(config.models)
+    registry = load_registry(config.models)
+    config.stage_group_members(list(registry.pipelines))  # raises on a group that does not fit the registry
+    return config, registry
 
 
 def parse_size(size: str) -> tuple[int, int]:

@@ -151,12 +151,20 @@ def real_stages(config, registry) -> dict[str, dict[str, "LocalHandle"]]:
     from serve_app.deployments.text_encoder import TextEncoder
     from serve_app.deployments.vae_decoder import VaeDecoder
 
+    return in_process_stages(config, registry, {"text_encoder": TextEncoder, "denoiser": Denoiser, "vae_decoder": VaeDecoder})
+
+
+def in_process_stages(config, registry, classes: dict[str, type]) -> dict[str, dict[str, "LocalHandle"]]:
+    """What serve_app.app.build_graph deploys, as in-process objects: one
+    instance of each model stage class per stage group, shared by the group's
+    pipelines; keyed by pipeline, then stage."""
     cache = str(config.model_cache_path)
-    classes = {"text_encoder": TextEncoder, "denoiser": Denoiser, "vae_decoder": VaeDecoder}
-    return {
-        name: {stage: LocalHandle(cls(p, getattr(config.stages, stage), cache)) for stage, cls in classes.items()}
-        for name, p in registry.pipelines.items()
-    }
+    pipelines = {}
+    for names in config.stage_group_members(list(registry.pipelines)).values():
+        members = {name: registry.pipelines[name] for name in names}
+        handles = {stage: LocalHandle(cls(members, getattr(config.stages, stage), cache)) for stage, cls in classes.items()}
+        pipelines.update({name: handles for name in names})
+    return pipelines
 
 
 @pytest.fixture()
@@ -186,12 +194,7 @@ def stub_ingress(app_args) -> "ImagesIngress":  # noqa: F821
     from tests.stub_stages import stub_model_stages
 
     config, registry = load_app_config(app_args)
-    cache = str(config.model_cache_path)
-    stages = stub_model_stages(step_s=0, decode_s=0)
-    pipelines = {
-        name: {stage: LocalHandle(cls(p, getattr(config.stages, stage), cache)) for stage, cls in stages.items()}
-        for name, p in registry.pipelines.items()
-    }
+    pipelines = in_process_stages(config, registry, stub_model_stages(step_s=0, decode_s=0))
     with pytest.MonkeyPatch.context() as env:
         env.delenv("IMAGES_API_KEYS", raising=False)
         env.delenv("IMAGES_URL_SIGNING_KEY", raising=False)

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import torch
 
-from serve_app.deployments.batching import BatchRunner
 from serve_app.deployments.denoiser import Denoiser
 from serve_app.deployments.text_encoder import TextEncoder
 from serve_app.deployments.vae_decoder import VaeDecoder
@@ -119,21 +118,19 @@ def stub_model_stages(step_s: float = 0.05, decode_s: float = 0.02, load_s: floa
     long each replica takes to "load" (in its constructor, as a real one does)."""
 
     class StubTextEncoder(TextEncoder):
-        def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
+        def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> SleepyEncoder:
             time.sleep(load_s)
-            self.encoder = SleepyEncoder()
+            return SleepyEncoder()
 
     class StubDenoiser(Denoiser):
-        def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
+        def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> SleepyDenoiser:
             time.sleep(load_s)
-            self.denoiser = SleepyDenoiser(step_s)
-            self.batches = BatchRunner("denoiser", self.denoiser.denoise_many_steps, self.options, stepwise=True)
+            return SleepyDenoiser(step_s)
 
     class StubVaeDecoder(VaeDecoder):
-        def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
+        def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> SleepyDecoder:
             time.sleep(load_s)
-            self.decoder = SleepyDecoder(decode_s)
-            self.batches = BatchRunner("vae_decoder", self.decoder.decode_many, self.options)
+            return SleepyDecoder(decode_s)
 
     return {"text_encoder": StubTextEncoder, "denoiser": StubDenoiser, "vae_decoder": StubVaeDecoder}
 

@@ -8,7 +8,6 @@ from typing import Any, AsyncIterator
 import numpy as np
 import torch
 
-from serve_app.deployments.batching import BatchRunner
 from serve_app.deployments.replica import ModelStage, optimize_modules
 from serve_app.metrics import STEP_SECONDS
 from serve_app.pipeline.components import PipelineLayout
@@ -20,19 +19,23 @@ PREVIEW_SEND_S = 0.02  # loop time given to send a preview before the next step
 
 class Denoiser(ModelStage):
     stage = "denoiser"
+    batch_method = "denoise_many_steps"
+    stepwise = True
 
-    def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
-        self.denoiser = LatentDenoiser(layout, device, dtype)
-        optimize_modules(self.denoiser.arch, self.options, device)
-        self.denoiser.on_step = STEP_SECONDS.observe
-        self.batches = BatchRunner("denoiser", self.denoiser.denoise_many_steps, self.options, stepwise=True)
+    def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> LatentDenoiser:
+        denoiser = LatentDenoiser(layout, device, dtype)
+        optimize_modules(denoiser.arch, self.options, device)
+        denoiser.on_step = STEP_SECONDS.observe
+        return denoiser
 
-    async def denoise(self, job: DenoiseJob) -> np.ndarray:
-        self.ready()
-        self.denoiser.check(job)
-        return await self.batches.run(job, len(job.seeds))
+    async def denoise(self, job: DenoiseJob, pipeline: str | None = None) -> np.ndarray:
+        member = self.ready(pipeline)
+        member.model.check(job)
+        return await member.batches.run(job, len(job.seeds))
 
-    async def denoise_stream(self, job: DenoiseJob, partial_images: int) -> AsyncIterator[tuple[str, np.ndarray]]:
+    async def denoise_stream(
+        self, job: DenoiseJob, partial_images: int, pipeline: str | None = None
+    ) -> AsyncIterator[tuple[str, np.ndarray]]:
         """Streamed to the caller (handle.options(stream=True)): previews as they happen, then the result.
 
         Steps compute on the event-loop thread, like batches (running them on
@@ -41,16 +44,13 @@ class Denoiser(ModelStage):
         preview the loop is given a moment to send it before the next step
         blocks it.
         """
-        self.ready()
-        self.denoiser.check(job)
-        for kind, latents in self.denoiser.denoise_steps(job, partial_images):
+        denoiser = self.ready(pipeline).model
+        denoiser.check(job)
+        for kind, latents in denoiser.denoise_steps(job, partial_images):
             yield kind, latents
             if kind == "preview":
                 await asyncio.sleep(PREVIEW_SEND_S)
 
-    def probe(self) -> bool:
-        return self.denoiser.probe()
-
-    def describe(self) -> dict[str, Any]:
-        steps = self.denoiser.steps_run if hasattr(self, "denoiser") else 0
-        return {**super().describe(), "steps_run": steps, "last_batch_cpu_per_wall": self.batches.last_cpu_per_wall if hasattr(self, "batches") else None}
+    def describe(self, pipeline: str | None = None) -> dict[str, Any]:
+        model = self._member(pipeline).model
+        return {**super().describe(pipeline), "steps_run": getattr(model, "steps_run", 0)}

@@ -184,7 +184,7 @@ class ImagesIngress:
         if shared_store_problem:
             logger.warning(shared_store_problem)
         self.stages = {
-            name: HandleStages(h["text_encoder"], h["denoiser"], h["vae_decoder"], post_processor)
+            name: HandleStages(name, h["text_encoder"], h["denoiser"], h["vae_decoder"], post_processor)
             for name, h in pipelines.items()
         }
         # Held only so that Serve deploys the sweeper with this graph; never called.

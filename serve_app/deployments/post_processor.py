@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import logging
+import threading
+from typing import Callable
 
 import numpy as np
 
@@ -13,6 +16,15 @@ from serve_app.generation import PostProcessSpec
 from serve_app.matting import BackdropMatting, Matting
 from serve_app.storage import ImageStore
 
+logger = logging.getLogger("serve_app")
+
+
+def _warm_up(warm_up: Callable[[], None]) -> None:
+    try:
+        warm_up()
+    except Exception:  # noqa: BLE001 - the first transparent request will compile, or say what is wrong
+        logger.warning("matting warm-up failed", exc_info=True)
+
 
 class PostProcessor:
     def __init__(self, config: AppConfig, matting: Matting | None = None):
@@ -21,7 +33,12 @@ class PostProcessor:
         self.matting = matting or BackdropMatting()
         warm_up = getattr(self.matting, "warm_up", None)
         if warm_up is not None:
-            warm_up()
+            # On a fresh install pymatting's JIT compiles for about 45 s on two
+            # cores (cached on disk after). In a thread, so that the replica,
+            # and every request that is not transparent, need not wait for it;
+            # numba's compile lock makes a transparent request that comes
+            # sooner wait for the compile instead of compiling again.
+            threading.Thread(target=_warm_up, args=(warm_up,), name="matting-warm-up", daemon=True).start()
 
     def process(self, pixels: np.ndarray, spec: PostProcessSpec) -> dict[str, str]:
         """Returns {"b64_json": ...} or {"name": stored image name}; StorageError if it cannot be stored."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from serve_app.config import PipelineConfig, StageOptions, node_path
+from serve_app.deployments.batching import BatchRunner
 from serve_app.pipeline.components import PipelineLayout, pick_device, pick_dtype
 from serve_app.pipeline.architectures import architecture_for
 from serve_app.pipeline.architectures.base import Stage
@@ -64,61 +66,106 @@ class ModelUnavailable(RuntimeError):
     """A stage whose model could not be loaded was asked to work."""
 
 
+@dataclass
+class Member:
+    """One pipeline's part of a stage replica: the model it loaded (or why
+    it could not) and, for batched stages, its own batch queue (a batch
+    never mixes pipelines)."""
+
+    model: Any = None
+    problem: str | None = None
+    batches: BatchRunner | None = None
+
+
 class ModelStage:
     """What the three model stage deployments share.
 
-    A replica loads its part of the pipeline when it starts. If that fails
-    (an unreadable source, a missing component) it stays up and reports the
-    problem through :meth:`problem` instead of failing its constructor:
-    Ray Serve would otherwise fail the whole application, and one broken
-    model must not take the others down. The ingress asks, hides the model
-    and answers its requests with 503 model_unavailable.
+    A deployment serves one stage of one or more pipelines (a stage group,
+    ``stage_groups`` in the config): each replica loads that stage of every
+    pipeline in the group when it starts, and every call names its pipeline.
+    Small models share processes that way; one pipeline per deployment is
+    the usual case and the default.
+
+    If loading a pipeline fails (an unreadable source, a missing component)
+    the replica stays up and reports the problem through :meth:`problem`
+    instead of failing its constructor: Ray Serve would otherwise fail the
+    whole application, and one broken model must not take the others down.
+    The ingress asks, hides the model and answers its requests with 503
+    model_unavailable.
     """
 
     stage: Stage  # which part of the pipeline this stage loads (its architecture says which files)
+    batch_method: str | None = None  # the loaded model's method that computes a batch, for batched stages
+    stepwise = False  # whether batch_method yields between steps (BatchRunner)
 
-    def __init__(self, pipeline: PipelineConfig, options: StageOptions, cache_dir: str):
-        self._problem: str | None = None
+    def __init__(self, pipelines: dict[str, PipelineConfig], options: StageOptions, cache_dir: str):
         self.options = options
+        self.members: dict[str, Member] = {}
+        for name, pipeline in pipelines.items():
+            member = self.members[name] = Member()
+            try:
+                member.model = self.load(*prepare_replica(pipeline, options, self.stage, node_path(cache_dir)))
+            except Exception as exc:  # noqa: BLE001 - reported by problem(), logged with its traceback
+                detail = str(exc) if isinstance(exc, ModelSourceError) else f"{pipeline.source}: {type(exc).__name__}: {exc}"
+                member.problem = f"cannot load the {self.stage} stage from {detail}"
+                logger.error("%s[%s]: %s", type(self).__name__, name, member.problem, exc_info=True)
+                continue
+            if self.batch_method:
+                compute = getattr(member.model, self.batch_method)
+                member.batches = BatchRunner(self.stage, compute, options, stepwise=self.stepwise)
+
+    def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> Any:
+        """Load this stage of one pipeline; returns the model the stage's methods call."""
+        raise NotImplementedError
+
+    def _member(self, pipeline: str | None) -> Member:
+        if pipeline is None:
+            if len(self.members) != 1:
+                raise ValueError(f"{type(self).__name__} serves {sorted(self.members)}: name the pipeline")
+            return next(iter(self.members.values()))
         try:
-            self.load(*prepare_replica(pipeline, options, self.stage, node_path(cache_dir)))
-        except Exception as exc:  # noqa: BLE001 - reported by problem(), logged with its traceback
-            detail = str(exc) if isinstance(exc, ModelSourceError) else f"{pipeline.source}: {type(exc).__name__}: {exc}"
-            self._problem = f"cannot load the {self.stage} stage from {detail}"
-            logger.error("%s: %s", type(self).__name__, self._problem, exc_info=True)
+            return self.members[pipeline]
+        except KeyError:
+            raise ValueError(f"{type(self).__name__} does not serve pipeline {pipeline!r}") from None
 
-    def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
-        raise NotImplementedError
+    def problem(self, pipeline: str | None = None) -> str | None:
+        """None when this replica can serve the pipeline; else why not, naming the source and what is missing."""
+        return self._member(pipeline).problem
 
-    def problem(self) -> str | None:
-        """None when this replica can serve; else why not, naming the source and what is missing."""
-        return self._problem
-
-    def ready(self) -> None:
-        """Raise unless this replica can serve; set torch's threads for the calling thread."""
-        if self._problem:
-            raise ModelUnavailable(self._problem)
+    def ready(self, pipeline: str | None = None) -> Member:
+        """The pipeline's member, unless it cannot serve; sets torch's threads for the calling thread.
+        ``pipeline`` may be left out when the deployment serves only one."""
+        member = self._member(pipeline)
+        if member.problem:
+            raise ModelUnavailable(member.problem)
         use_torch_threads(self.options)
+        return member
 
-    def probe(self) -> bool:
-        """One forward pass of the stage's model on its smallest input; True
-        when the output is finite. Each stage defines it."""
-        raise NotImplementedError
+    def loaded(self, pipeline: str | None = None) -> Any:
+        """The model a pipeline's member loaded (tests look inside it)."""
+        return self.ready(pipeline).model
+
+    def probe(self, model: Any) -> bool:
+        """One forward pass of a loaded model on its smallest input; True when the output is finite."""
+        return bool(model.probe())
 
     async def check_health(self) -> None:
         """Called by Ray every ``health_check_period_s``; raising marks the
         replica unhealthy and Ray replaces it.
 
-        It runs a real forward pass (cheap: the smallest input) rather than
-        only answering, so weights that went bad (NaNs, a corrupted device)
-        are noticed. It runs on the event loop like all compute here, so it is
-        answered between denoising steps, never in the middle of one.
+        It runs a real forward pass of every pipeline's model (cheap: the
+        smallest input) rather than only answering, so weights that went bad
+        (NaNs, a corrupted device) are noticed. It runs on the event loop like
+        all compute here, so it is answered between denoising steps, never in
+        the middle of one. A pipeline that could not load is skipped: it stays
+        up to report why (problem()), and a new replica would fail the same way.
         """
-        if self._problem is not None:
-            return  # it stays up to report why (problem()); a new replica would fail the same way
         use_torch_threads(self.options)
-        if not self.probe():
-            raise RuntimeError(f"{type(self).__name__}: a forward pass on the smallest input gave non-finite values")
+        for name, member in self.members.items():
+            if member.problem is None and not self.probe(member.model):
+                raise RuntimeError(
+                    f"{type(self).__name__}[{name}]: a forward pass on the smallest input gave non-finite values"
+                )
 
     def inject_fault(self) -> None:
         """The fault switch of the health-check test: every weight becomes NaN.
@@ -131,13 +178,16 @@ class ModelStage:
                 for param in module.parameters():
                     param.fill_(float("nan"))
 
-    def describe(self) -> dict[str, Any]:
-        """What this replica actually runs with, for tests and debugging."""
+    def describe(self, pipeline: str | None = None) -> dict[str, Any]:
+        """What this replica actually runs with for one pipeline, for tests and debugging."""
+        member = self._member(pipeline)
         return {
-            "modules": sorted({type(m).__name__ for m in held_modules(self)}),
+            "modules": sorted({type(m).__name__ for m in held_modules(member.model)}),
             "torch_threads": torch.get_num_threads(),
-            "problem": self._problem,
+            "problem": member.problem,
+            "pipelines": sorted(self.members),
             "pid": os.getpid(),
+            "last_batch_cpu_per_wall": member.batches.last_cpu_per_wall if member.batches else None,
         }
 
 
@@ -160,7 +210,7 @@ def held_modules(obj: Any) -> list[torch.nn.Module]:
             for v in vars(value).values():
                 visit(v, depth - 1)
 
-    visit(obj, 5)
+    visit(obj, 7)
     return list(found.values())
 
 

@@ -103,19 +103,22 @@ def _needs_input_image() -> Exception:
 
 
 class HandleStages:
-    """Stages backed by Ray Serve deployment handles."""
+    """One pipeline's stages, backed by Ray Serve deployment handles. A model
+    stage deployment may serve several pipelines (a stage group), so every
+    call to one names this pipeline."""
 
-    def __init__(self, text_encoder: Any, denoiser: Any, vae_decoder: Any, post_processor: Any):
+    def __init__(self, pipeline: str, text_encoder: Any, denoiser: Any, vae_decoder: Any, post_processor: Any):
+        self.pipeline = pipeline
         self._te, self._dn, self._vae, self._pp = text_encoder, denoiser, vae_decoder, post_processor
         self._edit_inputs: EditInputs | None = None
 
     async def encode(self, prompt: str, count_prompt: str, images: list[np.ndarray] | None = None) -> PromptEmbeddings:
-        return await call_stage("text encoder", lambda: self._te.encode.remote(prompt, count_prompt, images), self._left(self._te))
+        return await call_stage("text encoder", lambda: self._te.encode.remote(prompt, count_prompt, images, pipeline=self.pipeline), self._left(self._te))
 
     async def edit_inputs(self) -> EditInputs:
         # A property of the model's architecture: asked once, from the stage that knows it.
         if self._edit_inputs is None:
-            self._edit_inputs = await call_stage("text encoder", lambda: self._te.edit_inputs.remote(), self._left(self._te))
+            self._edit_inputs = await call_stage("text encoder", lambda: self._te.edit_inputs.remote(pipeline=self.pipeline), self._left(self._te))
         return self._edit_inputs
 
     async def encode_image(
@@ -124,7 +127,7 @@ class HandleStages:
         # The VAE encoder lives in the VAE decoder's replica (it loads the whole VAE).
         try:
             return await call_stage(
-                "VAE encoder", lambda: self._vae.encode.remote(pixels, alpha, references), self._left(self._vae)
+                "VAE encoder", lambda: self._vae.encode.remote(pixels, alpha, references, pipeline=self.pipeline), self._left(self._vae)
             )
         except EditsUnsupported:
             # Ray re-raises a replica's exception as a subclass of its own type.
@@ -137,14 +140,14 @@ class HandleStages:
 
     async def denoise(self, job: DenoiseJob) -> np.ndarray:
         try:
-            return await call_stage("denoiser", lambda: self._dn.denoise.remote(job), self._left(self._dn))
+            return await call_stage("denoiser", lambda: self._dn.denoise.remote(job, pipeline=self.pipeline), self._left(self._dn))
         except NeedsInputImage:
             raise _needs_input_image() from None
 
     async def denoise_stream(self, job: DenoiseJob, partial_images: int) -> AsyncIterator[tuple[str, np.ndarray]]:
         # Not retried: previews already sent cannot be taken back.
         try:
-            async for item in self._dn.options(stream=True).denoise_stream.remote(job, partial_images):
+            async for item in self._dn.options(stream=True).denoise_stream.remote(job, partial_images, pipeline=self.pipeline):
                 yield item
         except NeedsInputImage:
             raise _needs_input_image() from None
@@ -154,7 +157,7 @@ class HandleStages:
             raise stage_unavailable("denoiser") from exc
 
     async def decode(self, latents: np.ndarray) -> np.ndarray:
-        return await call_stage("VAE decoder", lambda: self._vae.decode.remote(latents), self._left(self._vae))
+        return await call_stage("VAE decoder", lambda: self._vae.decode.remote(latents, pipeline=self.pipeline), self._left(self._vae))
 
     async def postprocess(self, pixels: np.ndarray, spec: PostProcessSpec) -> dict[str, str]:
         return await call_stage("post-processor", lambda: self._pp.process.remote(pixels, spec), self._left(self._pp))
@@ -198,5 +201,7 @@ class HandleStages:
 
     async def problem(self) -> str | None:
         """Why this pipeline's model stages cannot serve, or None."""
-        problems = await asyncio.gather(self._te.problem.remote(), self._dn.problem.remote(), self._vae.problem.remote())
+        problems = await asyncio.gather(
+            *(h.problem.remote(self.pipeline) for h in (self._te, self._dn, self._vae))
+        )
         return next((p for p in problems if p), None)

@@ -14,18 +14,19 @@ from serve_app.pipeline.types import EditInputs, PromptEmbeddings
 class TextEncoder(ModelStage):
     stage = "text_encoder"
 
-    def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
-        self.encoder = PromptEncoder(layout, device, dtype)
+    def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> PromptEncoder:
+        return PromptEncoder(layout, device, dtype)
 
-    async def encode(self, prompt: str, count_prompt: str | None = None, images: list[np.ndarray] | None = None) -> PromptEmbeddings:
+    async def encode(
+        self,
+        prompt: str,
+        count_prompt: str | None = None,
+        images: list[np.ndarray] | None = None,
+        pipeline: str | None = None,
+    ) -> PromptEmbeddings:
         # Computes on the event-loop thread, as the other model stages do (see replica.use_torch_threads).
-        self.ready()
-        return self.encoder.encode(prompt, count_prompt=count_prompt, images=images)
+        return self.ready(pipeline).model.encode(prompt, count_prompt=count_prompt, images=images)
 
-    async def edit_inputs(self) -> EditInputs:
+    async def edit_inputs(self, pipeline: str | None = None) -> EditInputs:
         """What this model's edits take (its architecture's rule), for the ingress."""
-        self.ready()
-        return self.encoder.edit_inputs()
-
-    def probe(self) -> bool:
-        return self.encoder.probe()
+        return self.ready(pipeline).model.edit_inputs()

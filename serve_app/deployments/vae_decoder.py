@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from serve_app.deployments.batching import BatchRunner
 from serve_app.deployments.replica import ModelStage, optimize_modules
 from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.decoders import LatentDecoder
@@ -15,22 +14,22 @@ from serve_app.pipeline.types import EditLatents
 
 class VaeDecoder(ModelStage):
     stage = "vae_decoder"
+    batch_method = "decode_many"
 
-    def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> None:
-        self.decoder = LatentDecoder(layout, device, dtype)
-        optimize_modules(self.decoder.arch, self.options, device)
-        self.batches = BatchRunner("vae_decoder", self.decoder.decode_many, self.options)
+    def load(self, layout: PipelineLayout, device: str, dtype: torch.dtype) -> LatentDecoder:
+        decoder = LatentDecoder(layout, device, dtype)
+        optimize_modules(decoder.arch, self.options, device)
+        return decoder
 
-    async def decode(self, latents: np.ndarray) -> np.ndarray:
-        self.ready()
-        return await self.batches.run(latents, len(latents))
+    async def decode(self, latents: np.ndarray, pipeline: str | None = None) -> np.ndarray:
+        return await self.ready(pipeline).batches.run(latents, len(latents))
 
     async def encode(
-        self, pixels: np.ndarray, alpha: np.ndarray | None = None, references: list[np.ndarray] | None = None
+        self,
+        pixels: np.ndarray,
+        alpha: np.ndarray | None = None,
+        references: list[np.ndarray] | None = None,
+        pipeline: str | None = None,
     ) -> EditLatents:
         # Computes on the event-loop thread, as the other model stages do (see replica.use_torch_threads).
-        self.ready()
-        return self.decoder.encode_image(pixels, alpha, references)
-
-    def probe(self) -> bool:
-        return self.decoder.probe()
+        return self.ready(pipeline).model.encode_image(pixels, alpha, references)

@@ -4,36 +4,18 @@ second streamed, with partial images before the completed one), and each
 edit model edits (masks composited back, several images for Edit-Plus).
 
 The graph is the project's builder on the args of
-configs/serve_config.all-tiny.yaml (its stage options: fractional CPUs, one
-torch thread per replica), with the tiny models of the session's
-``tiny_model_dir`` cache. Its cost is one Ray worker process per replica,
-each importing torch, diffusers and transformers (~4.5 s of CPU and
-~350 MiB before any model): all 13 pipelines at once (39 stage replicas, the
-ingress, post-processor and sweeper) took 8 minutes to start on the 2-core
-machine and would hold ~14 GiB. So the registry is served in three groups
-of architectures, one application at a time (at most 18 replicas, ~6 GiB),
-each built from the same args with the registry cut to the group; every id
-of the registry is in exactly one group (checked below). Measured on the
-shared 2-core machine: 50-100 s per group, nearly all of it replicas
-starting; the requests take 2 s a group, Qwen-Image-Edit(-Plus) ~20 s (their
-VAE encodes each input image at a megapixel, as diffusers' pipelines do).
-
-At about four minutes it does not fit the default suite's ten-minute budget
-on the 2-core machine, so it is marked ``heavy`` and left out of
-``scripts/test``; run it with ``scripts/test -m heavy``. Each architecture
-is also exercised through the in-process ingress in the default suite
-(tests/pipeline/test_all_architectures.py).
+configs/serve_config.all-tiny.yaml, as ``serve run`` would deploy it: its
+stage group puts all thirteen pipelines on one replica of each model stage,
+so the application is six processes (a replica per pipeline and stage was 39
+processes, eight minutes to start on the 2-core machine). The tiny models
+come from the session's ``tiny_model_dir`` cache.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import traceback
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -43,19 +25,12 @@ from PIL import Image
 
 from tests.unit.test_edits_http import band_mask, png
 
-pytestmark = [pytest.mark.ray, pytest.mark.heavy]
+pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = ROOT / "configs" / "serve_config.all-tiny.yaml"
 APP = "images-all-tiny"
 
-# Each group is one application on the graph at a time (at most 5 pipelines:
-# 18 replicas). Grouped by family, so that a failure points at one.
-GROUPS = {
-    "sd": ["tiny-sd", "tiny-sdxl", "tiny-sd-inpaint", "tiny-sd3"],
-    "flux": ["tiny-flux-dev", "tiny-flux-schnell", "tiny-flux-fill", "tiny-flux-kontext", "tiny-flux2-klein"],
-    "qwen-z": ["tiny-qwen-image", "tiny-qwen-image-edit", "tiny-qwen-image-edit-plus", "tiny-z-image"],
-}
 # How each edit model edits: with a mask (composited back), or by
 # reference, with this many input images. Every other id generates from text.
 EDITS = {
@@ -80,32 +55,29 @@ def all_tiny_registry() -> dict:
     return yaml.safe_load((ROOT / all_tiny_args()["models"]).read_text())
 
 
-def test_the_groups_cover_the_registry_once():
-    grouped = [model for group in GROUPS.values() for model in group]
-    ids = [m["id"] for m in all_tiny_registry()["models"] if m["id"] != "dall-e-2"]
-    assert sorted(grouped) == sorted(ids) and len(set(grouped)) == len(grouped)
+def tiny_ids() -> list[str]:
+    return [m["id"] for m in all_tiny_registry()["models"] if m["id"] != "dall-e-2"]
 
 
-@contextmanager
-def group_app(name: str, service_url: str, tiny_model_dir, root: Path) -> Iterator[OpenAI]:
-    """An application serving one group's pipelines, built by the project's
-    builder from the all-tiny args with the registry cut to the group; the
-    openai client for it; the application removed afterwards."""
+def test_every_pipeline_is_in_the_one_stage_group():
+    args = all_tiny_args()
+    assert list(args["stage_groups"]) == ["tiny"]
+    assert sorted(args["stage_groups"]["tiny"]) == sorted(all_tiny_registry()["pipelines"])
+
+
+@pytest.fixture(scope="module")
+def all_tiny_client(service_url, tiny_model_dir, tmp_path_factory):
+    """The all-tiny application, built by the project's builder from the
+    all-tiny args with the registry's sources at the session's tiny models;
+    the openai client for it; the application removed afterwards."""
     from ray import serve
 
     from serve_app.app import build_app
 
-    ids = GROUPS[name]
+    root = tmp_path_factory.mktemp("all-tiny")
     registry = all_tiny_registry()
-    pipelines = {p: registry["pipelines"][p] for p in ids}
-    for pipeline in pipelines.values():
+    for pipeline in registry["pipelines"].values():
         pipeline["source"] = str(tiny_model_dir(pipeline.pop("builtin")))
-    registry.update(
-        pipelines=pipelines,
-        models=[m for m in registry["models"] if m["id"] in ids],
-        default_model=ids[0],
-        default_gpt_image_model=ids[0],
-    )
     (root / "models.yaml").write_text(yaml.safe_dump(registry))
     args = {**all_tiny_args(), "models": str(root / "models.yaml"), "data_dir": str(root / "data")}
     serve.run(build_app(args), name=APP, route_prefix="/all-tiny")
@@ -114,6 +86,15 @@ def group_app(name: str, service_url: str, tiny_model_dir, root: Path) -> Iterat
         yield OpenAI(base_url=f"{service_url}/all-tiny/v1", api_key="unused", max_retries=0, timeout=120)
     finally:
         serve.delete(APP)
+
+
+def test_the_stage_deployments_are_one_per_stage(all_tiny_client):
+    from ray import serve
+
+    deployments = set(serve.status().applications[APP].deployments)
+    assert {d for d in deployments if d.split("-")[0] in ("TextEncoder", "Denoiser", "VaeDecoder")} == {
+        "TextEncoder-tiny", "Denoiser-tiny", "VaeDecoder-tiny"
+    }
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -186,20 +167,6 @@ def check_model(client: OpenAI, model: str) -> None:
     assert events[-1].usage.output_tokens > 0
 
 
-def failure(client: OpenAI, model: str) -> str | None:
-    try:
-        check_model(client, model)
-    except Exception as exc:  # noqa: BLE001 - reported per model below
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
-        return f"line {frame.lineno}: {type(exc).__name__}: {exc}"
-    return None
-
-
-@pytest.mark.parametrize("group", GROUPS)
-def test_each_id_makes_images_at_two_sizes_and_streams_partials(service_url, tiny_model_dir, tmp_path, group):
-    """One application per group, its models checked concurrently (each has
-    its own replicas), every model's failure reported."""
-    models = GROUPS[group]
-    with group_app(group, service_url, tiny_model_dir, tmp_path) as client, ThreadPoolExecutor(len(models)) as pool:
-        failures = dict(zip(models, pool.map(lambda model: failure(client, model), models)))
-    assert not {m: f for m, f in failures.items() if f}
+@pytest.mark.parametrize("model", tiny_ids())
+def test_each_id_makes_images_at_two_sizes_and_streams_partials(all_tiny_client, model):
+    check_model(all_tiny_client, model)

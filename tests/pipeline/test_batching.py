@@ -153,7 +153,7 @@ def test_cancelled_denoise_stops_within_a_step(stage_code, tiny_sd_dir):
     from serve_app.deployments.denoiser import Denoiser
 
     enc = stage_code["sd"][0]
-    dn = Denoiser(PipelineConfig(source=str(tiny_sd_dir)), StageOptions(torch_threads=1), "/tmp/unused-cache")
+    dn = Denoiser({"tiny-sd": PipelineConfig(source=str(tiny_sd_dir))}, StageOptions(torch_threads=1), "/tmp/unused-cache")
     job = DenoiseJob(enc.encode("otter"), [1], 512, 512, 200, 7.5)
 
     async def main():

@@ -43,7 +43,8 @@ def input_mask() -> np.ndarray:
 def load_stages(model_dir, cache):
     pipeline = PipelineConfig(source=str(model_dir))
     opts = StageOptions(torch_threads=2)
-    stages = TextEncoder(pipeline, opts, cache), Denoiser(pipeline, opts, cache), VaeDecoder(pipeline, opts, cache)
+    members = {"test": pipeline}
+    stages = TextEncoder(members, opts, cache), Denoiser(members, opts, cache), VaeDecoder(members, opts, cache)
     assert [s.problem() for s in stages] == [None, None, None]
     return stages
 
@@ -115,7 +116,7 @@ def test_strength_zero_returns_the_inputs_latents(stages_of):
     edit = sync(vae.encode(input_image()))
     latents, _ = run_edit((te, dn, vae), seeds=(5,), strength=0.0)
     g = torch.Generator().manual_seed(5)
-    expected = dn.denoiser.arch.vae_scaling_factor * (edit.mean + edit.std * torch.randn(edit.mean.shape, generator=g).numpy())
+    expected = dn.loaded().arch.vae_scaling_factor * (edit.mean + edit.std * torch.randn(edit.mean.shape, generator=g).numpy())
     assert np.allclose(latents, expected, atol=1e-6)
 
 
@@ -126,7 +127,7 @@ def test_blend_keeps_unmasked_latents(stages_of):
     edit = sync(vae.encode(input_image(), alpha))
     latents, _ = run_edit((te, dn, vae), seeds=(5,), strength=0.75, alpha=alpha)
     g = torch.Generator().manual_seed(5)
-    input_latents = dn.denoiser.arch.vae_scaling_factor * (edit.mean + edit.std * torch.randn(edit.mean.shape, generator=g).numpy())
+    input_latents = dn.loaded().arch.vae_scaling_factor * (edit.mean + edit.std * torch.randn(edit.mean.shape, generator=g).numpy())
     keep = edit.mask[0, 0] == 0
     repaint = ~keep
     assert keep.any() and repaint.any()

@@ -160,9 +160,9 @@ def test_huggingface_ids_download_only_the_stage_files(tmp_path, monkeypatch, ti
 def test_a_stage_with_an_unreadable_source_stays_up_and_says_why(s3_endpoint, s3_models, tmp_path):
     pipeline = s3_pipeline(s3_endpoint, s3_models, "partial")
     opts = StageOptions(torch_threads=1)
-    encoder = TextEncoder(pipeline, opts, str(tmp_path))
+    encoder = TextEncoder({"partial": pipeline}, opts, str(tmp_path))
     assert encoder.problem() is None  # the text encoder's files are all there
-    denoiser = Denoiser(pipeline, opts, str(tmp_path))
+    denoiser = Denoiser({"partial": pipeline}, opts, str(tmp_path))
     problem = denoiser.problem()
     assert problem.startswith("cannot load the denoiser stage from s3://models/partial/: missing unet/*")
     assert denoiser.describe()["problem"] == problem and denoiser.describe()["modules"] == []

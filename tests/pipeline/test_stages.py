@@ -22,7 +22,8 @@ def stages(request, tiny_sd_dir, tiny_sdxl_dir, tmp_path_factory):
     pipeline = PipelineConfig(source=str(model_dir))
     opts = StageOptions(torch_threads=2)
     cache = str(tmp_path_factory.mktemp("cache"))
-    stages = TextEncoder(pipeline, opts, cache), Denoiser(pipeline, opts, cache), VaeDecoder(pipeline, opts, cache)
+    members = {request.param: pipeline}
+    stages = TextEncoder(members, opts, cache), Denoiser(members, opts, cache), VaeDecoder(members, opts, cache)
     assert [s.problem() for s in stages] == [None, None, None]
     return (request.param, model_dir, *stages)
 
@@ -81,7 +82,7 @@ def test_encoded_prompt_is_the_prompt_as_written_cut_where_the_window_ends(stage
     kept = emb.encoded_prompt
     assert emb.truncated and prompt.startswith(kept) and len(kept) < len(prompt)
     assert "A City at Dusk, with Flying Cars; vivid colors -- DRAMATIC lighting!" in kept
-    tokenizer = stages[2].encoder.arch.encoders[0][0]
+    tokenizer = stages[2].loaded().arch.encoders[0][0]
     window = tokenizer.model_max_length - 2
     assert len(tokenizer(kept, add_special_tokens=False).input_ids) == window
     assert len(tokenizer(prompt[: len(kept) + 1], add_special_tokens=False).input_ids) > window

@@ -173,10 +173,10 @@ def test_an_architecture_that_cannot_edit_is_a_400_on_model():
     from tests.conftest import LocalHandle
 
     class NoEdits:
-        def encode(self, pixels, alpha=None, references=None):
+        def encode(self, pixels, alpha=None, references=None, pipeline=None):
             raise EditsUnsupported("no")
 
-    stages = HandleStages(None, None, LocalHandle(NoEdits()), None)
+    stages = HandleStages("p", None, None, LocalHandle(NoEdits()), None)
     with pytest.raises(OpenAIError) as e:
         run(stages.encode_image(np.zeros((8, 8, 3), np.uint8), None))
     assert e.value.status == 400 and e.value.param == "model"
