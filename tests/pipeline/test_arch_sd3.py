@@ -8,6 +8,7 @@ import PIL.Image
 import pytest
 import torch
 
+from serve_app.pipeline.architectures import architecture_for
 from serve_app.pipeline.architectures.sd3 import SD3Architecture
 from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.types import DenoiseJob
@@ -66,7 +67,7 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 def test_loads_from_model_index_and_each_stage_loads_only_its_part(model_dir, stages):
     layout = PipelineLayout.read(model_dir)
-    assert layout.pipeline_class in SD3Architecture.pipeline_classes
+    assert architecture_for(layout) is SD3Architecture
     text, denoiser, vae = stages
     assert not hasattr(text, "transformer") and not hasattr(text, "vae")
     assert not hasattr(denoiser, "text_pipe") and not hasattr(denoiser, "vae")

@@ -32,3 +32,14 @@ def test_build_is_deterministic_and_idempotent(tmp_path, tiny_sd_dir):
     save_tiny_pipeline(out, "tiny-sd")
     assert (out / "model_index.json").stat().st_mtime_ns == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_every_registered_architecture_imports_and_serves_distinct_classes():
+    """The registry names modules by string (they import on first use): each entry must resolve."""
+    from serve_app.pipeline.architectures import ARCHITECTURES, load_architecture
+    from serve_app.pipeline.architectures.base import Architecture
+
+    for path in ARCHITECTURES:
+        assert issubclass(load_architecture(path), Architecture), path
+    served = [name for names in ARCHITECTURES.values() for name in names]
+    assert len(served) == len(set(served))

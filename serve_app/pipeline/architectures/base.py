@@ -29,8 +29,6 @@ Stage = Literal["text_encoder", "denoiser", "vae_decoder"]
 
 
 class Architecture:
-    # model_index.json `_class_name` values this architecture serves.
-    pipeline_classes: ClassVar[tuple[str, ...]] = ()
     # Files each stage needs, as fnmatch globs relative to the pipeline root
     # (serve_app.pipeline.sources.SourceFiles patterns; "*" also matches "/").
     text_files: ClassVar[tuple[str, ...]] = ()

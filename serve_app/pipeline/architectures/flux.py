@@ -69,7 +69,6 @@ _MAX_T5_TOKENS = 512
 
 
 class FluxArchitecture(Architecture):
-    pipeline_classes: ClassVar[tuple[str, ...]] = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
     text_files: ClassVar[tuple[str, ...]] = ("model_index.json", "tokenizer/*", "tokenizer_2/*", "text_encoder/*", "text_encoder_2/*")
     # The VAE's config gives the latent grid and the latent scaling (below).
     denoiser_files: ClassVar[tuple[str, ...]] = ("model_index.json", "transformer/*", "scheduler/*", "vae/config.json")
@@ -398,7 +397,6 @@ class FluxArchitecture(Architecture):
 class FluxFillArchitecture(FluxArchitecture):
     """FLUX.1 Fill: inpainting, the mask and the masked image as extra input channels."""
 
-    pipeline_classes: ClassVar[tuple[str, ...]] = ("FluxFillPipeline",)
 
     def check_job(self, job: DenoiseJob) -> None:
         if job.edit is None:
@@ -425,7 +423,6 @@ class FluxFillArchitecture(FluxArchitecture):
 class FluxKontextArchitecture(FluxArchitecture):
     """FLUX.1 Kontext: the input image as extra tokens; without one it generates from text."""
 
-    pipeline_classes: ClassVar[tuple[str, ...]] = ("FluxKontextPipeline",)
 
     @torch.inference_mode()
     def encode_image(self, pixels: np.ndarray, alpha: np.ndarray | None = None) -> EditLatents:

@@ -53,7 +53,6 @@ _REFERENCE_AREA = 1024 * 1024
 
 
 class Flux2KleinArchitecture(FluxArchitecture):
-    pipeline_classes: ClassVar[tuple[str, ...]] = ("Flux2KleinPipeline",)
     text_files: ClassVar[tuple[str, ...]] = ("model_index.json", "tokenizer/*", "text_encoder/*")
     denoiser_files: ClassVar[tuple[str, ...]] = ("model_index.json", "transformer/*", "scheduler/*", "vae/config.json")
     vae_files: ClassVar[tuple[str, ...]] = ("model_index.json", "vae/*")

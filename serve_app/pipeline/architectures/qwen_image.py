@@ -54,7 +54,6 @@ _MAX_TEXT_TOKENS = 512
 
 
 class QwenImageArchitecture(Architecture):
-    pipeline_classes: ClassVar[tuple[str, ...]] = ("QwenImagePipeline",)
     text_files: ClassVar[tuple[str, ...]] = ("model_index.json", "tokenizer/*", "text_encoder/*")
     # The VAE's config gives the latent grid and the latents' per-channel statistics.
     denoiser_files: ClassVar[tuple[str, ...]] = ("model_index.json", "transformer/*", "scheduler/*", "vae/config.json")
@@ -328,7 +327,6 @@ class QwenImageEditArchitecture(QwenImageArchitecture):
     starts from noise, so ``strength`` does not apply. Whole-image edits
     only: a mask is refused (Qwen-Image-Edit-Inpaint is a different pipeline)."""
 
-    pipeline_classes: ClassVar[tuple[str, ...]] = ("QwenImageEditPipeline",)
     text_files: ClassVar[tuple[str, ...]] = ("model_index.json", "tokenizer/*", "text_encoder/*", "processor/*")
     required_components: ClassVar[tuple[str, ...]] = QwenImageArchitecture.required_components + ("processor",)
     edit_inputs: ClassVar[EditInputs] = EditInputs(max_images=1, text_sees_images=True, references=True)
@@ -458,7 +456,6 @@ class QwenImageEditPlusArchitecture(QwenImageEditArchitecture):
     several input images, each seen by the text encoder at about 384x384 and
     appended to the denoiser's sequence at about a megapixel."""
 
-    pipeline_classes: ClassVar[tuple[str, ...]] = ("QwenImageEditPlusPipeline",)
     # The model card's advice: one to three images work best.
     edit_inputs: ClassVar[EditInputs] = EditInputs(max_images=3, text_sees_images=True, references=True)
     diffusers_pipeline: ClassVar[type] = QwenImageEditPlusPipeline

@@ -29,7 +29,6 @@ from serve_app.pipeline.types import DenoiseJob, EditLatents, NeedsInputImage, P
 
 
 class StableDiffusion(Architecture):
-    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
     text_files = ("model_index.json", "tokenizer*/*", "text_encoder*/*")
     # The VAE's config gives the latent grid (downsampling, channels, scaling).
     denoiser_files = ("model_index.json", "unet/*", "scheduler/*", "vae/config.json")

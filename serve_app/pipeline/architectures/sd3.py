@@ -27,7 +27,6 @@ from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings
 
 
 class SD3Architecture(Architecture):
-    pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
     # tokenizer, tokenizer_2, tokenizer_3 and text_encoder, _2, _3.
     text_files = ("model_index.json", "tokenizer*/*", "text_encoder*/*")
     # The VAE's config gives the latent grid's downsampling and the latents' scale and shift.

@@ -15,7 +15,6 @@ from serve_app.pipeline.architectures.sd import StableDiffusion
 
 
 class StableDiffusionXL(StableDiffusion):
-    pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
     text_encoder_pairs = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
     def _embed(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:

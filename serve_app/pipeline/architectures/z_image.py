@@ -71,7 +71,6 @@ _MAX_TEXT_TOKENS = 512
 
 
 class ZImageArchitecture(Architecture):
-    pipeline_classes: ClassVar[tuple[str, ...]] = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline")
     text_files: ClassVar[tuple[str, ...]] = ("model_index.json", "tokenizer/*", "text_encoder/*")
     # The VAE's config gives the latent grid and the latents' scale and shift.
     denoiser_files: ClassVar[tuple[str, ...]] = ("model_index.json", "transformer/*", "scheduler/*", "vae/config.json")
