@@ -246,7 +246,9 @@ def build(args: argparse.Namespace) -> Path:
         log(f"compressing {raw / 2**20:.1f} MiB with xz -{args.xz_level}")
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "wb") as f:
-            tar = subprocess.Popen(["tar", "-C", str(work), "-cf", "-", "bundle"], stdout=subprocess.PIPE)
+            # The manifest first, so that reading it needs no decompression of the wheels.
+            entries = ["bundle/manifest.json"] + sorted(f"bundle/{p.name}" for p in bundle.iterdir() if p.name != "manifest.json")
+            tar = subprocess.Popen(["tar", "-C", str(work), "-cf", "-", *entries], stdout=subprocess.PIPE)
             # xz's own threads: the stream is one archive, so level 9's window spans wheels.
             subprocess.run(["xz", f"-{args.xz_level}", "-T0", "-c"], stdin=tar.stdout, stdout=f, check=True)
             if tar.wait():
