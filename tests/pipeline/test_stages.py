@@ -10,6 +10,7 @@ import torch
 
 from serve_app.config import PipelineConfig, StageOptions
 from serve_app.deployments.denoiser import Denoiser
+from serve_app.deployments.replica import ModelUnavailable
 from serve_app.deployments.text_encoder import TextEncoder
 from serve_app.deployments.vae_decoder import VaeDecoder
 from serve_app.pipeline.components import ModelLayoutError, PipelineLayout
@@ -160,3 +161,41 @@ def test_token_count_of_the_user_prompt_not_the_template(stages):
     templated = sync(te.encode("otter, vivid colors, dramatic lighting", count_prompt="otter"))
     assert templated.token_count == plain.token_count
     assert templated.encoded_prompt == "otter, vivid colors, dramatic lighting"
+
+
+def test_a_stage_group_serves_each_pipeline_as_its_own_deployment_would(stages, tiny_sd_dir, tiny_sdxl_dir, tmp_path):
+    """One replica of each stage holding SD, SDXL and a pipeline whose source
+    is missing: each call gives what that pipeline's own replica gives, the
+    broken one reports its problem without hiding the others, and health
+    probes every model it could load."""
+    kind, _, own_te, own_dn, own_vae = stages
+    members = {
+        "sd": PipelineConfig(source=str(tiny_sd_dir)),
+        "sdxl": PipelineConfig(source=str(tiny_sdxl_dir)),
+        "broken": PipelineConfig(source=str(tmp_path / "nowhere")),
+    }
+    opts = StageOptions(torch_threads=2)
+    cache = str(tmp_path / "cache")
+    te, dn, vae = TextEncoder(members, opts, cache), Denoiser(members, opts, cache), VaeDecoder(members, opts, cache)
+    mine = "sd" if kind == "tiny-sd" else "sdxl"
+    emb = sync(te.encode("otter", pipeline=mine))
+    assert np.array_equal(emb.prompt_embeds, sync(own_te.encode("otter")).prompt_embeds)
+    job = DenoiseJob(emb, [3], 64, 64, 2, 7.5)
+    latents = sync(dn.denoise(job, pipeline=mine))
+    assert np.array_equal(latents, sync(own_dn.denoise(job)))
+    assert np.array_equal(sync(vae.decode(latents, pipeline=mine)), sync(own_vae.decode(latents)))
+    # The other member is really the other model (SDXL's embeddings are wider).
+    other = "sdxl" if mine == "sd" else "sd"
+    assert sync(te.encode("otter", pipeline=other)).prompt_embeds.shape != emb.prompt_embeds.shape
+
+    for stage in (te, dn, vae):
+        assert stage.problem("sd") is None and stage.problem("sdxl") is None
+        assert "nowhere" in stage.problem("broken")
+        asyncio.run(stage.check_health())  # the broken member is skipped, the others probed
+    with pytest.raises(ModelUnavailable, match="nowhere"):
+        sync(te.encode("otter", pipeline="broken"))
+    with pytest.raises(ValueError, match="name the pipeline"):
+        te.problem()
+    with pytest.raises(ValueError, match="does not serve pipeline 'sd3'"):
+        sync(dn.denoise(job, pipeline="sd3"))
+    assert dn.describe("sdxl")["pipelines"] == ["broken", "sd", "sdxl"]

@@ -151,3 +151,30 @@ def test_the_builder_takes_exactly_the_args_dict_as_serve_run_requires():
     assert len(inspect.signature(build_app).parameters) == 1
     app = call_user_app_builder_with_args_if_necessary(build_app, shipped_args("serve_config.yaml"))
     assert isinstance(app, Application)
+
+
+def test_stage_groups_map_pipelines_to_shared_deployments():
+    config = AppConfig.model_validate({"stage_groups": {"small": ["a", "b"]}})
+    assert config.stage_group_members(["a", "b", "c"]) == {"small": ["a", "b"], "c": ["c"]}
+    assert AppConfig().stage_group_members(["a", "b"]) == {"a": ["a"], "b": ["b"]}
+
+
+@pytest.mark.parametrize(
+    "groups, words",
+    [
+        ({"small": ["a", "zz"]}, "no pipeline 'zz'"),
+        ({"one": ["a"], "two": ["a", "b"]}, "in both 'one' and 'two'"),
+        ({"b": ["a"]}, "named like pipeline 'b'"),
+        ({"empty": []}, "lists no pipeline"),
+    ],
+)
+def test_stage_groups_that_do_not_fit_the_registry_are_refused(groups, words):
+    with pytest.raises(ValueError, match=words):
+        AppConfig.model_validate({"stage_groups": groups}).stage_group_members(["a", "b"])
+
+
+def test_a_stage_group_naming_an_unknown_pipeline_fails_at_load(tmp_path):
+    reg = tmp_path / "models.yaml"
+    reg.write_text(yaml.safe_dump(registry()))
+    with pytest.raises(ValueError, match="stage_groups.g: the registry has no pipeline 'nope'"):
+        load_app_config({"models": str(reg), "stage_groups": {"g": ["nope"]}})
