@@ -4,7 +4,8 @@ at route prefix /s3, beside the session's ``images`` app.
 
 Its registry has two pipelines on s3://: ``tiny-s3`` (the whole tiny model)
 and ``partial`` (the same model without its UNet), which must not keep
-``tiny-s3`` from serving.
+``tiny-s3`` from serving. They share their model stages (one stage group,
+``s3``): each replica loads both, and the broken one is reported alone.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def s3_app(service_url, app_args, s3_endpoint, s3_models, tmp_path_factory):
         "model_cache_dir": str(root / "cache"),
         "sweep_remote_store": True,
         "stages": STAGE_OPTIONS,
+        "stage_groups": {"s3": ["tiny-s3", "partial"]},
     }
     serve.run(build_app(args), name=APP, route_prefix="/s3")
     yield SimpleNamespace(url=f"{service_url}/s3", cache=root / "cache")
@@ -91,8 +93,9 @@ def cached_files(cache: Path, stage: str) -> set[str]:
 
 def test_model_loads_from_s3_and_each_stage_caches_only_its_folders(s3_app):
     for stage, modules in (("TextEncoder", ["CLIPTextModel"]), ("Denoiser", ["UNet2DConditionModel"]), ("VaeDecoder", ["AutoencoderKL"])):
-        described = handle(f"{stage}-tiny-s3").describe.remote().result()
+        described = handle(f"{stage}-s3").describe.remote("tiny-s3").result()
         assert described["problem"] is None and described["modules"] == modules
+        assert described["pipelines"] == ["partial", "tiny-s3"]
     tops = {stage: {f.split("/")[0] for f in cached_files(s3_app.cache, stage)} for stage in ("text_encoder", "denoiser", "vae_decoder")}
     assert tops == {
         "text_encoder": {"model_index.json", "tokenizer", "text_encoder"},
@@ -177,9 +180,10 @@ def test_sweeper_deletes_expired_images_and_keeps_fresh_ones(s3_client):
 
 
 def test_unreadable_model_is_hidden_and_refused_while_the_others_serve(s3_app, s3_client):
-    problem = handle("Denoiser-partial").problem.remote().result()
+    problem = handle("Denoiser-s3").problem.remote("partial").result()
     assert "s3://models/partial/" in problem and "missing unet/*" in problem
-    assert handle("TextEncoder-partial").problem.remote().result() is None
+    assert handle("Denoiser-s3").problem.remote("tiny-s3").result() is None
+    assert handle("TextEncoder-s3").problem.remote("partial").result() is None
 
     ids = {m.id for m in s3_client.models.list().data}
     assert ids == {"dall-e-2", "gpt-image-1"}
