@@ -99,22 +99,27 @@ def learning_rate(peak: float, fraction: float, warmup: float = 0.03) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def palette(resolution: int) -> torch.Tensor:
+    """Each named colour as a whole image, one batch."""
+    from serve_app.pipeline.scenes import COLOURS, Scene
+
+    return to_tensor([to_array(render(Scene(name, ()), resolution)) for name in COLOURS])
+
+
 def colour_errors(vae, resolution: int = 128) -> dict[str, float]:
     """Each named colour as a whole background, through encode -> decode:
     the mean error of its middle, in levels. A VAE that maps two colours to
     one latent (a flat image keeps only the pattern across channels through
     its group norms) shows here as a large error for one of them."""
-    from serve_app.pipeline.scenes import COLOURS, Scene
+    from serve_app.pipeline.scenes import COLOURS
 
     was_training = vae.training
     vae.eval()
-    errors = {}
     with torch.no_grad():
-        for name in COLOURS:
-            pixels = to_tensor([to_array(render(Scene(name, ()), resolution))])
-            out = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
-            q = resolution // 4
-            errors[name] = float((out - pixels)[..., q:-q, q:-q].abs().mean() * 127.5)
+        pixels = palette(resolution)
+        out = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
+        q = resolution // 4
+        errors = {name: float((out[i] - pixels[i])[..., q:-q, q:-q].abs().mean() * 127.5) for i, name in enumerate(COLOURS)}
     vae.train(was_training)
     return errors
 
@@ -137,6 +142,17 @@ def train_vae(args, rng: random.Random) -> "AutoencoderKL":  # noqa: F821
         reconstruction = vae.decode(posterior.sample()).sample
         # L1 keeps flat colours exact and edges sharp; the KL term only keeps the latents bounded.
         loss = F.l1_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
+        if args.vae_palette_weight:
+            # Every named colour as a whole background, each step. The encoder's
+            # last group norm removes the mean and scale of its features over
+            # the image; a VAE trained on scenes alone was found with green,
+            # blue, purple and black backgrounds whose features differed only
+            # in scale there (distances 7-21 before the norm, 0.05-0.11 after),
+            # so they shared one latent and decoded alike. This term gives
+            # that collapse a gradient of its own.
+            flats = palette(128)
+            flat_posterior = vae.encode(flats).latent_dist
+            loss = loss + args.vae_palette_weight * F.l1_loss(vae.decode(flat_posterior.sample()).sample, flats)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(args.vae_lr, budget.fraction)
         optimizer.zero_grad(set_to_none=True)
@@ -279,6 +295,10 @@ def main() -> None:
     parser.add_argument("--vae-batch", type=int, default=8, help="scenes of 128 pixels per step (twice as many of 64)")
     parser.add_argument("--vae-init", help="a VAE folder to continue training from, instead of new weights")
     parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--vae-palette-weight", type=float, default=0.0,
+        help="weight of the loss on every named colour as a flat background, each step (0: scenes only)",
+    )
     parser.add_argument("--unet-minutes", type=float, default=40.0)
     parser.add_argument("--unet-steps", type=int, help="a step count instead of --unet-minutes")
     parser.add_argument("--unet-lr", type=float, default=6e-4)
