@@ -145,10 +145,6 @@ class ModelStage:
         """The model a pipeline's member loaded (tests look inside it)."""
         return self.ready(pipeline).model
 
-    def probe(self, model: Any) -> bool:
-        """One forward pass of a loaded model on its smallest input; True when the output is finite."""
-        return bool(model.probe())
-
     async def check_health(self) -> None:
         """Called by Ray every ``health_check_period_s``; raising marks the
         replica unhealthy and Ray replaces it.
@@ -162,7 +158,8 @@ class ModelStage:
         """
         use_torch_threads(self.options)
         for name, member in self.members.items():
-            if member.problem is None and not self.probe(member.model):
+            # Each loaded model's probe(): one forward pass on its smallest input, True when finite.
+            if member.problem is None and not member.model.probe():
                 raise RuntimeError(
                     f"{type(self).__name__}[{name}]: a forward pass on the smallest input gave non-finite values"
                 )
