@@ -185,8 +185,8 @@ set -eu
 here="$(cd "$(dirname "$0")" && pwd)"
 py="${PYTHON:-python3}"
 # Bytecode is compiled afterwards, on every core: left to first import,
-# each Ray worker process compiled the same modules at once (the CPU
-# benchmark's graph took 77 s to come up instead of 23 s).
+# each Ray worker process compiled the same modules at once (in the
+# bundle's test, the CPU benchmark's graph came up at 61 s instead of 77 s).
 if [ "${1:-}" = "--target" ]; then
   "$py" -m pip install --quiet --no-index --no-deps --no-compile --disable-pip-version-check --target "$2" "$here"/wheels/*.whl
   site="$2"

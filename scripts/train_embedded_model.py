@@ -59,7 +59,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from serve_app.pipeline import embedded  # noqa: E402
-from serve_app.pipeline.scenes import caption, random_scene, render, to_array  # noqa: E402
+from serve_app.pipeline.scenes import COLOURS, Scene, caption, random_scene, render, to_array  # noqa: E402
 
 CAPTION_DROPOUT = 0.1
 # (resolution, batch size, share of steps): mostly small images for speed,
@@ -106,8 +106,6 @@ def learning_rate(peak: float, fraction: float, warmup: float = 0.03) -> float:
 
 def palette(resolution: int) -> torch.Tensor:
     """Each named colour as a whole image, one batch."""
-    from serve_app.pipeline.scenes import COLOURS, Scene
-
     return to_tensor([to_array(render(Scene(name, ()), resolution)) for name in COLOURS])
 
 
@@ -116,8 +114,6 @@ def colour_errors(vae, resolution: int = 128) -> dict[str, float]:
     the mean error of its middle, in levels. A VAE that maps two colours to
     one latent (a flat image keeps only the pattern across channels through
     its group norms) shows here as a large error for one of them."""
-    from serve_app.pipeline.scenes import COLOURS
-
     was_training = vae.training
     vae.eval()
     with torch.no_grad():

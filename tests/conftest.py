@@ -147,11 +147,9 @@ def local_stages(app_args):
 
 def real_stages(config, registry) -> dict[str, dict[str, "LocalHandle"]]:
     """Each pipeline's real TextEncoder, Denoiser and VaeDecoder, in-process, keyed like the builder's graph."""
-    from serve_app.deployments.denoiser import Denoiser
-    from serve_app.deployments.text_encoder import TextEncoder
-    from serve_app.deployments.vae_decoder import VaeDecoder
+    from serve_app.app import MODEL_STAGES
 
-    return in_process_stages(config, registry, {"text_encoder": TextEncoder, "denoiser": Denoiser, "vae_decoder": VaeDecoder})
+    return in_process_stages(config, registry, MODEL_STAGES)
 
 
 def in_process_stages(config, registry, classes: dict[str, type]) -> dict[str, dict[str, "LocalHandle"]]:

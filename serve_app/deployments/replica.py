@@ -141,10 +141,6 @@ class ModelStage:
         use_torch_threads(self.options)
         return member
 
-    def loaded(self, pipeline: str | None = None) -> Any:
-        """The model a pipeline's member loaded (tests look inside it)."""
-        return self.ready(pipeline).model
-
     async def check_health(self) -> None:
         """Called by Ray every ``health_check_period_s``; raising marks the
         replica unhealthy and Ray replaces it.

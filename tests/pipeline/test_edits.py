@@ -116,7 +116,7 @@ def test_strength_zero_returns_the_inputs_latents(stages_of):
     edit = sync(vae.encode(input_image()))
     latents, _ = run_edit((te, dn, vae), seeds=(5,), strength=0.0)
     g = torch.Generator().manual_seed(5)
-    expected = dn.loaded().arch.vae_scaling_factor * (edit.mean + edit.std * torch.randn(edit.mean.shape, generator=g).numpy())
+    expected = dn.ready().model.arch.vae_scaling_factor * (edit.mean + edit.std * torch.randn(edit.mean.shape, generator=g).numpy())
     assert np.allclose(latents, expected, atol=1e-6)
 
 
@@ -127,7 +127,7 @@ def test_blend_keeps_unmasked_latents(stages_of):
     edit = sync(vae.encode(input_image(), alpha))
     latents, _ = run_edit((te, dn, vae), seeds=(5,), strength=0.75, alpha=alpha)
     g = torch.Generator().manual_seed(5)
-    input_latents = dn.loaded().arch.vae_scaling_factor * (edit.mean + edit.std * torch.randn(edit.mean.shape, generator=g).numpy())
+    input_latents = dn.ready().model.arch.vae_scaling_factor * (edit.mean + edit.std * torch.randn(edit.mean.shape, generator=g).numpy())
     keep = edit.mask[0, 0] == 0
     repaint = ~keep
     assert keep.any() and repaint.any()

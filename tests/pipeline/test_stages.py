@@ -83,7 +83,7 @@ def test_encoded_prompt_is_the_prompt_as_written_cut_where_the_window_ends(stage
     kept = emb.encoded_prompt
     assert emb.truncated and prompt.startswith(kept) and len(kept) < len(prompt)
     assert "A City at Dusk, with Flying Cars; vivid colors -- DRAMATIC lighting!" in kept
-    tokenizer = stages[2].loaded().arch.encoders[0][0]
+    tokenizer = stages[2].ready().model.arch.encoders[0][0]
     window = tokenizer.model_max_length - 2
     assert len(tokenizer(kept, add_special_tokens=False).input_ids) == window
     assert len(tokenizer(prompt[: len(kept) + 1], add_special_tokens=False).input_ids) > window
