@@ -13,6 +13,21 @@ TEST_API_KEY = "sk-test-key-for-the-suite"
 TEST_SIGNING_KEY = "test-signing-key"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Run the modules that need no session Ray cluster first. Once that
+    cluster starts it stays up to the end of the session, and even idle it
+    takes a share of this 2-core machine (its controller loop, health checks
+    and metrics); the in-process tests, and the modules that start a cluster
+    or a whole install of their own (multinode, the offline bundle), should
+    not run beside it. Whole modules move, in their own order, so that a
+    module's fixtures are still set up once."""
+    def module(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    on_session_ray = {module(item) for item in items if "ray_cluster" in item.fixturenames}
+    items.sort(key=lambda item: module(item) in on_session_ray)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd", "tiny-sd")
