@@ -213,8 +213,17 @@ def train_unet(args, rng: random.Random, vae, scratch: Path, out: Path) -> tuple
     write_tokenizer_to = scratch / "tokenizer"
     embedded.write_caption_tokenizer(write_tokenizer_to)
     tokenizer = CLIPTokenizer.from_pretrained(str(write_tokenizer_to))
-    text_encoder = embedded.text_encoder(len(tokenizer))
-    unet = embedded.unet()
+    if args.unet_init:
+        # Go on from a saved pipeline (a finished run or a checkpoint); the
+        # tokenizer is rebuilt the same, word for word.
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        text_encoder = CLIPTextModel.from_pretrained(str(Path(args.unet_init) / "text_encoder"))
+        unet = UNet2DConditionModel.from_pretrained(str(Path(args.unet_init) / "unet"))
+    else:
+        text_encoder = embedded.text_encoder(len(tokenizer))
+        unet = embedded.unet()
     # The training noise schedule is the sampler's (same betas).
     noise_schedule = DDPMScheduler.from_config(embedded.scheduler().config)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -303,6 +312,9 @@ def main() -> None:
     parser.add_argument("--unet-minutes", type=float, default=40.0)
     parser.add_argument("--unet-steps", type=int, help="a step count instead of --unet-minutes")
     parser.add_argument("--unet-lr", type=float, default=6e-4)
+    parser.add_argument(
+        "--unet-init", help="a pipeline folder whose UNet and text encoder to continue training from, instead of new weights"
+    )
     parser.add_argument("--decoder-minutes", type=float, default=20.0)
     parser.add_argument("--decoder-steps", type=int, help="a step count instead of --decoder-minutes")
     parser.add_argument("--decoder-lr", type=float, default=5e-4)

@@ -20,10 +20,9 @@ from serve_app.pipeline.scenes import Scene, Shape, caption, nearest_colour, ren
 from tests.conftest import TEST_API_KEY, TEST_SIGNING_KEY
 
 SHIPPED_MODELS = PROJECT_ROOT / "configs" / "models.yaml"
-# The committed weights are under-trained (about 27 minutes of UNet training
-# on a contended 2-core CPU; scripts/eval_embedded_model.py's figures are in
-# the README): they draw the named colours and shapes but often bind a colour
-# to the wrong thing and misplace the shape. These checks are what a trained
+# The committed weights draw the background colour asked for, but not yet the
+# shape's colour, kind or place (scripts/eval_embedded_model.py's figures are
+# in the README). The checks below that need the shape are what a trained
 # model passes; the committed one fails them, so they are marked `quality`
 # and left out of the default run (an expected failure would pass whatever
 # happened): `scripts/test -m quality` runs them after a retraining.
@@ -91,13 +90,17 @@ def test_named_colours_come_out_where_asked(client, prompt, shape_at, shape, bac
     assert border_colour(image) == background
 
 
-def inpaint(client) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A red circle on the left of a white scene, its right half repainted as
-    "a large blue square on the right": (before, after, alpha), alpha 0 where repainted."""
+def inpaint(client, masked: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A large red circle on the left of a white scene, one half (``masked``:
+    "left" or "right") repainted for "a large blue square on the right, white
+    background": (before, after, alpha), alpha 0 where repainted."""
     scene = Scene("white", (Shape("circle", "red", "large", "left"),))
     original = render(scene, 256)
     alpha = np.full((256, 256), 255, np.uint8)
-    alpha[:, 128:] = 0
+    if masked == "right":
+        alpha[:, 128:] = 0
+    else:
+        alpha[:, :128] = 0
     mask = original.copy()
     mask.putalpha(Image.fromarray(alpha))
     img = client.images.edit(
@@ -109,15 +112,20 @@ def inpaint(client) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def test_inpaint_changes_the_masked_region_and_keeps_the_rest(client):
-    before, after, alpha = inpaint(client)
+    # The circle is masked and the caption has none on the left: the
+    # repainted half loses it (backgrounds are what the model draws best),
+    # and the other half comes back as it was.
+    before, after, alpha = inpaint(client, "left")
     keep = alpha == 255
     assert np.abs(after[keep].astype(int) - before[keep]).max() <= 8
     assert np.abs(after[~keep].astype(float) - before[~keep]).mean() > 10
+    assert region_colour(before, 0.17, 0.42, 0.33, 0.58) == "red"
+    assert region_colour(after, 0.17, 0.42, 0.33, 0.58) != "red"
 
 
 @UNDER_TRAINED
 def test_inpaint_draws_what_is_asked_in_the_mask(client):
-    before, after, _ = inpaint(client)
+    before, after, _ = inpaint(client, "right")
     assert region_colour(after, 0.65, 0.4, 0.85, 0.6) == "blue"
     assert region_colour(before, 0.65, 0.4, 0.85, 0.6) == "white"
 
