@@ -26,16 +26,10 @@ non-determinism); with a ``--*-minutes`` budget the number of steps depends
 on the machine's speed, and the learning rate follows the elapsed fraction.
 
 The committed model (models/embedded-sd) was made on this project's 2-core
-CPU, shared with other jobs (load averages of 5 to 50), in separate runs:
-``--stage vae --vae-minutes 10`` (707 steps), the same continued with
-``--vae-init`` for 9 minutes (1,214 steps), then ``--stage unet
---unet-minutes 27`` and, beside it, ``--stage decoder --decoder-minutes 23``;
-about 50 minutes of wall time in all (README, "The embedded model"). Those
-runs predate the VAE's palette term and the v-prediction schedule: their
-VAE (``--vae-palette-weight 0``) decodes green, blue, purple and black
-backgrounds alike. With the term, ``--stage vae --vae-minutes 35`` from
-scratch (3,905 steps) had every named colour within 3 levels after 12
-minutes and within 1 at the end.
+CPU in two runs, 135 minutes in all: ``--stage vae --vae-minutes 35``
+from scratch (3,905 steps), then ``--stage unet --unet-minutes 100
+--checkpoint-steps 300`` on it (13,868 steps). It draws the background
+colour asked for but not yet the shape (README, "The embedded model").
 """
 
 from __future__ import annotations
