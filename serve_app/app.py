@@ -33,6 +33,10 @@ def deployment_name(stage: str, pipeline: str) -> str:
 # The deployment class of each model stage. Tests swap in stand-ins that
 # sleep instead of computing (tests/stub_stages.py) and keep everything else.
 MODEL_STAGES: dict[str, type] = {"text_encoder": TextEncoder, "denoiser": Denoiser, "vae_decoder": VaeDecoder}
+# The image sweeper and the rate limiter: one replica each, no CPU asked (they
+# mostly wait), and a short shutdown check (as the stages' default), since
+# Ray's 2 s is the least every application delete or redeploy waits for them.
+SINGLETON_OPTIONS: dict[str, Any] = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}, "graceful_shutdown_wait_loop_s": 0.5}
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -64,18 +68,15 @@ def build_graph(args: dict[str, Any] | None = None, model_stages: dict[str, type
     post_processor = serve.deployment(
         PostProcessor, name="PostProcessor", **stages.post_processor.deployment_options()
     ).bind(config)
-    # Exactly one replica, so that no two sweepers race over the same objects;
-    # it mostly sleeps, so it asks for no CPU.
+    # Exactly one replica, so that no two sweepers race over the same objects.
     sweeper = (
-        serve.deployment(ImageSweeper, name="ImageSweeper", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(config)
+        serve.deployment(ImageSweeper, name="ImageSweeper", **SINGLETON_OPTIONS).bind(config)
         if config.sweeps_image_store
         else None
     )
     # Exactly one replica: every ingress replica counts against the same windows.
     rate_limiter = (
-        serve.deployment(RateLimiter, name="RateLimiter", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
-            config.rate_limits
-        )
+        serve.deployment(RateLimiter, name="RateLimiter", **SINGLETON_OPTIONS).bind(config.rate_limits)
         if config.rate_limits.enabled
         else None
     )

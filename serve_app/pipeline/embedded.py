@@ -7,7 +7,7 @@ Diffusion layout; the server loads the result like any checkpoint.
 The shapes are sized for the speed target on a 2-core CPU (a 512x512 image
 in 1.5 s): the VAE is narrow at full resolution, where a decode spends its
 time, and has no attention; the UNet has four levels so that its bottom
-level (1/32 of the image) sees the whole frame, which is how it knows where
+level (1/64 of the image) sees the whole frame, which is how it knows where
 "top left" is, and cross-attends to the caption only at the two lowest.
 """
 
