@@ -15,7 +15,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serve_app.config import load_app_config
+from serve_app.config import StageOptions, load_app_config
 from serve_app.deployments.denoiser import Denoiser
 from serve_app.deployments.ingress import ImagesIngress
 from serve_app.deployments.post_processor import PostProcessor
@@ -34,9 +34,13 @@ def deployment_name(stage: str, pipeline: str) -> str:
 # sleep instead of computing (tests/stub_stages.py) and keep everything else.
 MODEL_STAGES: dict[str, type] = {"text_encoder": TextEncoder, "denoiser": Denoiser, "vae_decoder": VaeDecoder}
 # The image sweeper and the rate limiter: one replica each, no CPU asked (they
-# mostly wait), and a short shutdown check (as the stages' default), since
-# Ray's 2 s is the least every application delete or redeploy waits for them.
-SINGLETON_OPTIONS: dict[str, Any] = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}, "graceful_shutdown_wait_loop_s": 0.5}
+# mostly wait), and the stages' default shutdown check, since Ray's 2 s is the
+# least every application delete or redeploy waits for them.
+SINGLETON_OPTIONS: dict[str, Any] = {
+    "num_replicas": 1,
+    "ray_actor_options": {"num_cpus": 0},
+    "graceful_shutdown_wait_loop_s": StageOptions.model_fields["graceful_shutdown_wait_loop_s"].default,
+}
 
 
 def build_app(args: dict[str, Any]) -> Application:
