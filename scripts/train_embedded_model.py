@@ -53,7 +53,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from serve_app.pipeline import embedded  # noqa: E402
-from serve_app.pipeline.scenes import COLOURS, Scene, caption, random_scene, render, to_array  # noqa: E402
+from serve_app.pipeline.scenes import COLOURS, Scene, caption, random_scene, render, render_mask, to_array  # noqa: E402
 
 CAPTION_DROPOUT = 0.1
 # (resolution, batch size, share of steps): mostly small images for speed,
@@ -245,7 +245,20 @@ def train_unet(args, rng: random.Random, vae, scratch: Path, out: Path) -> tuple
         # the clean latents, so that step, where the caption alone decides
         # colours and layout, is learnt at full weight (min-SNR weighting
         # would give it none).
-        loss = F.mse_loss(prediction, noise_schedule.get_velocity(latents, noise, timesteps))
+        error = (prediction - noise_schedule.get_velocity(latents, noise, timesteps)) ** 2
+        if args.shape_weight:
+            # A shape covers a few percent of the latent pixels and the
+            # background the rest, so an unweighted loss is mostly about the
+            # background: a model trained so drew the background colour
+            # asked for and shapes of random colour and place. Latent pixels
+            # any shape touches weigh 1 + shape_weight; the mean stays a
+            # weighted mean, so the loss's scale does not move.
+            masks = torch.from_numpy(np.stack([np.asarray(render_mask(s, resolution)) for s in scenes])).float() / 255
+            touched = F.max_pool2d(masks[:, None], kernel_size=resolution // latents.shape[-1])
+            weight = 1 + args.shape_weight * touched
+            loss = (error * weight).mean() / weight.mean()
+        else:
+            loss = error.mean()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(args.unet_lr, budget.fraction)
         optimizer.zero_grad(set_to_none=True)
@@ -306,6 +319,10 @@ def main() -> None:
     parser.add_argument("--unet-minutes", type=float, default=40.0)
     parser.add_argument("--unet-steps", type=int, help="a step count instead of --unet-minutes")
     parser.add_argument("--unet-lr", type=float, default=6e-4)
+    parser.add_argument(
+        "--shape-weight", type=float, default=0.0,
+        help="extra loss weight on the latent pixels a shape touches (0: every pixel alike)",
+    )
     parser.add_argument(
         "--unet-init", help="a pipeline folder whose UNet and text encoder to continue training from, instead of new weights"
     )

@@ -115,19 +115,30 @@ def shape_box(shape: Shape, resolution: int) -> tuple[float, float, float, float
     return cx * resolution - half, cy * resolution - half, cx * resolution + half, cy * resolution + half
 
 
-def render(scene: Scene, resolution: int) -> Image.Image:
-    """The scene as an RGB image, square, ``resolution`` pixels a side."""
-    image = Image.new("RGB", (resolution, resolution), COLOURS[scene.background])
+def _draw_shapes(image: Image.Image, scene: Scene, fill_of) -> None:
     draw = ImageDraw.Draw(image)
     for shape in scene.shapes:
-        left, top, right, bottom = shape_box(shape, resolution)
-        fill = COLOURS[shape.colour]
+        left, top, right, bottom = shape_box(shape, image.width)
+        fill = fill_of(shape)
         if shape.kind == "circle":
             draw.ellipse((left, top, right, bottom), fill=fill)
         elif shape.kind == "square":
             draw.rectangle((left, top, right, bottom), fill=fill)
         else:  # an upright triangle: half its bounding box
             draw.polygon([((left + right) / 2, top), (right, bottom), (left, bottom)], fill=fill)
+
+
+def render(scene: Scene, resolution: int) -> Image.Image:
+    """The scene as an RGB image, square, ``resolution`` pixels a side."""
+    image = Image.new("RGB", (resolution, resolution), COLOURS[scene.background])
+    _draw_shapes(image, scene, lambda shape: COLOURS[shape.colour])
+    return image
+
+
+def render_mask(scene: Scene, resolution: int) -> Image.Image:
+    """Where the scene's shapes are: 255 on a shape, 0 on the background (mode L)."""
+    image = Image.new("L", (resolution, resolution), 0)
+    _draw_shapes(image, scene, lambda shape: 255)
     return image
 
 
