@@ -130,6 +130,66 @@ class Architecture:
         raise NotImplementedError
 
 
+class FlowMatchingArchitecture(Architecture):
+    """The denoising loop of the flow-matching architectures (SD3, FLUX.1,
+    FLUX.2, Qwen-Image, Z-Image), written once.
+
+    Our own loop rather than the diffusers pipelines' ``__call__``: we stop
+    between steps (cancellation), yield clean-image estimates (previews),
+    and run several requests' images as one batch, each with its own prompt
+    and seed; ``__call__`` offers only a step callback, cannot yield, and
+    takes one prompt's embeddings per call. Each step is still diffusers'
+    own: the transformer, the pipeline's guidance formula and the
+    scheduler's step. An architecture says how a batch starts
+    (``_prepare``: a run with ``scheduler``, ``timesteps``, ``latents`` and
+    ``inpaint``, plus whatever its transformer takes), how its transformer
+    gives the guided velocity (``_velocity``), and in what layout latents
+    leave the stage (``_latents_out``).
+    """
+
+    def _prepare(self, jobs: list[DenoiseJob]):
+        raise NotImplementedError
+
+    def _velocity(self, run, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The scheduler's velocity (noise - x0) for ``latents`` at ``t``, guidance applied."""
+        raise NotImplementedError
+
+    def _latents_out(self, latents: torch.Tensor, jobs: list[DenoiseJob]) -> np.ndarray:
+        """Latents as the VAE stage takes them (and previews are decoded): float32 NumPy."""
+        return latents.float().cpu().numpy()
+
+    def denoise(self, jobs: list[DenoiseJob], preview_steps: set[int], every_step: bool) -> Iterator[tuple[str, np.ndarray | None]]:
+        # inference_mode is per thread and a generator may be resumed on
+        # another thread, so it is entered per step, never across a yield.
+        with torch.inference_mode():
+            run = self._prepare(jobs)
+        steps = len(run.timesteps)
+        for i, t in enumerate(run.timesteps, start=1):
+            with torch.inference_mode():
+                noisy = run.latents
+                v = self._velocity(run, noisy, t)
+                latents = run.scheduler.step(v, t, noisy, return_dict=False)[0]
+                if run.inpaint is not None:
+                    latents = run.inpaint.after_step(latents, run.scheduler, run.timesteps, i)
+                run.latents = latents
+                preview = None
+                if i in preview_steps and i < steps:
+                    # The clean-image estimate of flow matching: x_t = (1 - s) x0 + s e
+                    # and v = e - x0 give x0 = x_t - s v, s the sigma of the step just taken.
+                    sigma = run.scheduler.sigmas[run.scheduler.step_index - 1].to(noisy.device, torch.float32)
+                    x0 = noisy.float() - sigma * v.float()
+                    if run.inpaint is not None:
+                        x0 = run.inpaint.preview(x0)
+                    preview = self._latents_out(x0, jobs)
+            if preview is not None:
+                yield "preview", preview
+            if every_step:
+                yield "step", None
+        with torch.inference_mode():
+            final = self._latents_out(run.latents, jobs)
+        yield "final", final
+
+
 # --- helpers every architecture's stages share ---------------------------------
 
 # OpenAI's mask marks where to edit with alpha 0. diffusers' inpaint

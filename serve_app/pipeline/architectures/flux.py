@@ -43,7 +43,7 @@ one generator per image. Everything inside a step is diffusers' own code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -52,8 +52,8 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
 from serve_app.pipeline.architectures.base import (
-    Architecture,
     FlowInpaint,
+    FlowMatchingArchitecture,
     edit_start,
     kept_text,
     prompt_embeddings,
@@ -68,7 +68,7 @@ _MAX_T5_TOKENS = 512
 
 
 
-class FluxArchitecture(Architecture):
+class FluxArchitecture(FlowMatchingArchitecture):
     text_files: ClassVar[tuple[str, ...]] = ("model_index.json", "tokenizer/*", "tokenizer_2/*", "text_encoder/*", "text_encoder_2/*")
     # The VAE's config gives the latent grid and the latent scaling (below).
     denoiser_files: ClassVar[tuple[str, ...]] = ("model_index.json", "transformer/*", "scheduler/*", "vae/config.json")
@@ -176,51 +176,29 @@ class FluxArchitecture(Architecture):
         )[0]
         return bool(torch.isfinite(z).all())
 
-    def denoise(self, jobs: list[DenoiseJob], preview_steps: set[int], every_step: bool) -> Iterator[tuple[str, np.ndarray | None]]:
-        # inference_mode is per thread and a generator may be resumed on
-        # another thread, so it is entered per step, never across a yield.
-        with torch.inference_mode():
-            run = self._prepare(jobs)
-        steps = len(run.timesteps)
-        for i, t in enumerate(run.timesteps, start=1):
-            with torch.inference_mode():
-                latents = run.latents
-                n = latents.shape[0]
-                timestep = (t.expand(n).to(latents.dtype) / 1000).repeat(run.halves)
-                # FLUX.2's transformer has no pooled text input.
-                pooled = {} if run.pooled is None else {"pooled_projections": run.pooled}
-                v = self.transformer(
-                    hidden_states=run.model_input(latents),
-                    timestep=timestep,
-                    guidance=run.guidance,
-                    encoder_hidden_states=run.embeds,
-                    txt_ids=run.text_ids,
-                    img_ids=run.image_ids,
-                    return_dict=False,
-                    **pooled,
-                )[0]
-                v = v[:, : latents.shape[1]]  # the reference tokens' outputs are not stepped
-                if run.halves == 2:
-                    cond, uncond = v.chunk(2)
-                    v = uncond + run.cfg_scale * (cond - uncond)
-                preview = None
-                if i in preview_steps and i < steps:
-                    # The clean-image estimate of flow matching: x0 = x_t - sigma_t * v.
-                    sigma = run.scheduler.sigmas[run.scheduler.begin_index + i - 1]
-                    x0 = latents.float() - sigma * v.float()
-                    if run.inpaint is not None:
-                        x0 = run.inpaint.preview(x0)
-                    preview = self._unpack(x0, jobs[0])
-                run.latents = run.scheduler.step(v, t, latents, return_dict=False)[0]
-                if run.inpaint is not None:
-                    run.latents = run.inpaint.after_step(run.latents, run.scheduler, run.timesteps, i)
-            if preview is not None:
-                yield "preview", preview
-            if every_step:
-                yield "step", None
-        with torch.inference_mode():
-            final = self._unpack(run.latents, jobs[0])
-        yield "final", final
+    def _velocity(self, run: "FluxRun", latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = latents.shape[0]
+        timestep = (t.expand(n).to(latents.dtype) / 1000).repeat(run.halves)
+        # FLUX.2's transformer has no pooled text input.
+        pooled = {} if run.pooled is None else {"pooled_projections": run.pooled}
+        v = self.transformer(
+            hidden_states=run.model_input(latents),
+            timestep=timestep,
+            guidance=run.guidance,
+            encoder_hidden_states=run.embeds,
+            txt_ids=run.text_ids,
+            img_ids=run.image_ids,
+            return_dict=False,
+            **pooled,
+        )[0]
+        v = v[:, : latents.shape[1]]  # the reference tokens' outputs are not stepped
+        if run.halves == 2:
+            cond, uncond = v.chunk(2)
+            v = uncond + run.cfg_scale * (cond - uncond)
+        return v
+
+    def _latents_out(self, latents: torch.Tensor, jobs: list[DenoiseJob]) -> np.ndarray:
+        return self._unpack(latents, jobs[0])
 
     def _unpack(self, latents: torch.Tensor, job: DenoiseJob) -> np.ndarray:
         """Packed tokens -> (n, 16, h, w) float32, the VAE stage's input."""

@@ -37,7 +37,7 @@ steps.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -46,14 +46,14 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, re
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
 from PIL import Image
 
-from serve_app.pipeline.architectures.base import Architecture, kept_text, prompt_embeddings, to_uint8
+from serve_app.pipeline.architectures.base import FlowMatchingArchitecture, kept_text, prompt_embeddings, to_uint8
 from serve_app.pipeline.types import DenoiseJob, EditInputs, EditLatents, EditsUnsupported, PromptEmbeddings
 
 # diffusers' QwenImagePipeline default: the text tokens the transformer sees per prompt.
 _MAX_TEXT_TOKENS = 512
 
 
-class QwenImageArchitecture(Architecture):
+class QwenImageArchitecture(FlowMatchingArchitecture):
     text_files: ClassVar[tuple[str, ...]] = ("model_index.json", "tokenizer/*", "text_encoder/*")
     # The VAE's config gives the latent grid and the latents' per-channel statistics.
     denoiser_files: ClassVar[tuple[str, ...]] = ("model_index.json", "transformer/*", "scheduler/*", "vae/config.json")
@@ -155,42 +155,25 @@ class QwenImageArchitecture(Architecture):
         )[0]
         return bool(torch.isfinite(z).all())
 
-    def denoise(self, jobs: list[DenoiseJob], preview_steps: set[int], every_step: bool) -> Iterator[tuple[str, np.ndarray | None]]:
-        # inference_mode is per thread and a generator may be resumed on
-        # another thread, so it is entered per step, never across a yield.
-        with torch.inference_mode():
-            run = self._prepare(jobs)
-        steps = len(run.timesteps)
-        for i, t in enumerate(run.timesteps, start=1):
-            with torch.inference_mode():
-                latents = run.latents
-                n = latents.shape[0]
-                v = self.transformer(
-                    hidden_states=self._model_input(latents, run).repeat(run.halves, 1, 1),
-                    timestep=(t.expand(n).to(latents.dtype) / 1000).repeat(run.halves),
-                    encoder_hidden_states=run.embeds,
-                    encoder_hidden_states_mask=run.mask,
-                    img_shapes=run.img_shapes,
-                    return_dict=False,
-                )[0][:, : latents.shape[1]]  # the generated image's tokens (an edit's references follow)
-                if run.halves == 2:
-                    # True CFG with QwenImagePipeline's rescaling to the conditional prediction's norm.
-                    cond, uncond = v.chunk(2)
-                    combined = uncond + run.true_cfg_scale * (cond - uncond)
-                    v = combined * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
-                preview = None
-                if i in preview_steps and i < steps:
-                    # The clean-image estimate of flow matching: x0 = x_t - sigma_t * v.
-                    sigma = run.scheduler.sigmas[run.scheduler.begin_index + i - 1]
-                    preview = self._unpack(latents.float() - sigma * v.float(), jobs[0])
-                run.latents = run.scheduler.step(v, t, latents, return_dict=False)[0]
-            if preview is not None:
-                yield "preview", preview
-            if every_step:
-                yield "step", None
-        with torch.inference_mode():
-            final = self._unpack(run.latents, jobs[0])
-        yield "final", final
+    def _velocity(self, run: "_Run", latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = latents.shape[0]
+        v = self.transformer(
+            hidden_states=self._model_input(latents, run).repeat(run.halves, 1, 1),
+            timestep=(t.expand(n).to(latents.dtype) / 1000).repeat(run.halves),
+            encoder_hidden_states=run.embeds,
+            encoder_hidden_states_mask=run.mask,
+            img_shapes=run.img_shapes,
+            return_dict=False,
+        )[0][:, : latents.shape[1]]  # the generated image's tokens (an edit's references follow)
+        if run.halves == 2:
+            # True CFG with QwenImagePipeline's rescaling to the conditional prediction's norm.
+            cond, uncond = v.chunk(2)
+            combined = uncond + run.true_cfg_scale * (cond - uncond)
+            v = combined * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+        return v
+
+    def _latents_out(self, latents: torch.Tensor, jobs: list[DenoiseJob]) -> np.ndarray:
+        return self._unpack(latents, jobs[0])
 
     def _model_input(self, latents: torch.Tensor, run: "_Run") -> torch.Tensor:
         """The transformer's image sequence: the latents being denoised (edits append their references)."""
@@ -292,6 +275,7 @@ class _Run:
     halves: int  # 2 with true CFG: each row runs with the prompt and the negative prompt
     true_cfg_scale: float
     references: torch.Tensor | None = None  # edits: packed reference-image tokens, per row
+    inpaint: None = None  # no masked inpainting: the Qwen-Image pipelines have none
 
 
 # --- Qwen-Image-Edit and Edit-Plus ---------------------------------------------

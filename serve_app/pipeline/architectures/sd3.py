@@ -14,19 +14,17 @@ inpaint variants) on our three model stages.
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serve_app.pipeline.architectures.base import Architecture, FlowInpaint, edit_start, kept_text, prompt_embeddings, repaint_mask
+from serve_app.pipeline.architectures.base import FlowInpaint, FlowMatchingArchitecture, edit_start, kept_text, prompt_embeddings, repaint_mask
 from serve_app.pipeline.components import ModelLayoutError
 from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings
 
 
 
-class SD3Architecture(Architecture):
+class SD3Architecture(FlowMatchingArchitecture):
     # tokenizer, tokenizer_2, tokenizer_3 and text_encoder, _2, _3.
     text_files = ("model_index.json", "tokenizer*/*", "text_encoder*/*")
     # The VAE's config gives the latent grid's downsampling and the latents' scale and shift.
@@ -121,54 +119,22 @@ class SD3Architecture(Architecture):
             )[0]
         return bool(torch.isfinite(out).all())
 
-    def denoise(
-        self, jobs: list[DenoiseJob], preview_steps: set[int], every_step: bool
-    ) -> Iterator[tuple[str, np.ndarray | None]]:
-        # Our own loop rather than StableDiffusion3Pipeline.__call__: we stop
-        # between steps (cancellation), yield clean-image estimates
-        # (previews), and run several requests' images as one batch, each
-        # with its own prompt and seed; __call__ offers only a step callback,
-        # cannot yield, and takes one prompt's embeddings per call. Each step
-        # is still diffusers' own: the transformer, the guidance formula and
-        # the scheduler's step.
-        first = jobs[0]
-        guided = first.guidance > 1.0
-        with torch.inference_mode():
-            run = _Run(self, jobs, guided)
-        timesteps, latents = run.timesteps, run.latents
-        for i, t in enumerate(timesteps, start=1):
-            # inference_mode is per thread and a generator may be resumed on
-            # another thread, so it is entered per step, never across a yield.
-            with torch.inference_mode():
-                model_in = torch.cat([latents] * 2) if guided else latents
-                velocity = self.transformer(
-                    hidden_states=model_in,
-                    timestep=t.expand(model_in.shape[0]),
-                    encoder_hidden_states=run.cond,
-                    pooled_projections=run.pooled,
-                    return_dict=False,
-                )[0]
-                if guided:
-                    uncond, text = velocity.chunk(2)
-                    velocity = uncond + first.guidance * (text - uncond)
-                noisy = latents
-                latents = run.scheduler.step(velocity, t, latents, return_dict=False)[0]
-                if run.inpaint is not None:
-                    latents = run.inpaint.after_step(latents, run.scheduler, timesteps, i)
-                preview = None
-                if i in preview_steps and i < len(timesteps):
-                    # The clean-image estimate of flow matching: x_t = (1 - s) x0 + s e
-                    # and v = e - x0 give x0 = x_t - s v, s this step's sigma.
-                    sigma = run.scheduler.sigmas[run.scheduler.step_index - 1].to(noisy.device, noisy.dtype)
-                    x0 = noisy - sigma * velocity
-                    if run.inpaint is not None:
-                        x0 = run.inpaint.preview(x0)
-                    preview = x0.float().cpu().numpy()
-            if preview is not None:
-                yield "preview", preview
-            if every_step:
-                yield "step", None
-        yield "final", latents.float().cpu().numpy()
+    def _prepare(self, jobs: list[DenoiseJob]) -> "_Run":
+        return _Run(self, jobs, guided=jobs[0].guidance > 1.0)
+
+    def _velocity(self, run: "_Run", latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        model_in = torch.cat([latents] * 2) if run.guided else latents
+        velocity = self.transformer(
+            hidden_states=model_in,
+            timestep=t.expand(model_in.shape[0]),
+            encoder_hidden_states=run.cond,
+            pooled_projections=run.pooled,
+            return_dict=False,
+        )[0]
+        if run.guided:
+            uncond, text = velocity.chunk(2)
+            velocity = uncond + run.guidance * (text - uncond)
+        return velocity
 
     # --- VAE stage --------------------------------------------------------------
     def load_vae(self) -> None:
@@ -225,6 +191,7 @@ class _Run:
 
         first = jobs[0]
         device, dtype = arch.device, arch.dtype
+        self.guided, self.guidance = guided, first.guidance
 
         def per_image(field: str) -> torch.Tensor:
             # Each job's (1, ...) embedding once per image, jobs in order.

@@ -46,7 +46,7 @@ the whole loop inside one block call, with no place to yield between steps.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -55,8 +55,8 @@ from diffusers import ZImagePipeline
 from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas, retrieve_timesteps
 
 from serve_app.pipeline.architectures.base import (
-    Architecture,
     FlowInpaint,
+    FlowMatchingArchitecture,
     edit_start,
     kept_text,
     prompt_embeddings,
@@ -70,7 +70,7 @@ from serve_app.pipeline.types import DenoiseJob, EditLatents, PromptEmbeddings
 _MAX_TEXT_TOKENS = 512
 
 
-class ZImageArchitecture(Architecture):
+class ZImageArchitecture(FlowMatchingArchitecture):
     text_files: ClassVar[tuple[str, ...]] = ("model_index.json", "tokenizer/*", "text_encoder/*")
     # The VAE's config gives the latent grid and the latents' scale and shift.
     denoiser_files: ClassVar[tuple[str, ...]] = ("model_index.json", "transformer/*", "scheduler/*", "vae/config.json")
@@ -171,47 +171,22 @@ class ZImageArchitecture(Architecture):
         )[0][0]
         return bool(torch.isfinite(z).all())
 
-    def denoise(self, jobs: list[DenoiseJob], preview_steps: set[int], every_step: bool) -> Iterator[tuple[str, np.ndarray | None]]:
-        # inference_mode is per thread and a generator may be resumed on
-        # another thread, so it is entered per step, never across a yield.
-        with torch.inference_mode():
-            run = self._prepare(jobs)
-        steps = len(run.timesteps)
-        for i, t in enumerate(run.timesteps, start=1):
-            with torch.inference_mode():
-                latents = run.latents
-                n = latents.shape[0]
-                # 0 at pure noise, 1 at the clean image: Z-Image's time.
-                timestep = (1000 - t.expand(n)) / 1000
-                model_input = latents.to(self.dtype).repeat(run.halves, 1, 1, 1).unsqueeze(2)
-                out = self.transformer(
-                    list(model_input.unbind(dim=0)),
-                    timestep.repeat(run.halves),
-                    run.captions,
-                    return_dict=False,
-                )[0]
-                out = torch.stack([o.float() for o in out]).squeeze(2)
-                if run.halves == 2:
-                    pos, neg = out[:n], out[n:]
-                    out = pos + run.guidance * (pos - neg)
-                v = -out  # ZImagePipeline's sign: the scheduler's velocity, noise - x0
-                preview = None
-                if i in preview_steps and i < steps:
-                    # The clean-image estimate of flow matching: x0 = x_t - sigma_t * v.
-                    sigma = run.scheduler.sigmas[run.scheduler.begin_index + i - 1]
-                    x0 = latents - sigma * v
-                    if run.inpaint is not None:
-                        x0 = run.inpaint.preview(x0)
-                    preview = x0.cpu().numpy()
-                latents = run.scheduler.step(v, t, latents, return_dict=False)[0]
-                if run.inpaint is not None:
-                    latents = run.inpaint.after_step(latents, run.scheduler, run.timesteps, i)
-                run.latents = latents
-            if preview is not None:
-                yield "preview", preview
-            if every_step:
-                yield "step", None
-        yield "final", run.latents.cpu().numpy()
+    def _velocity(self, run: "_Run", latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = latents.shape[0]
+        # 0 at pure noise, 1 at the clean image: Z-Image's time.
+        timestep = (1000 - t.expand(n)) / 1000
+        model_input = latents.to(self.dtype).repeat(run.halves, 1, 1, 1).unsqueeze(2)
+        out = self.transformer(
+            list(model_input.unbind(dim=0)),
+            timestep.repeat(run.halves),
+            run.captions,
+            return_dict=False,
+        )[0]
+        out = torch.stack([o.float() for o in out]).squeeze(2)
+        if run.halves == 2:
+            pos, neg = out[:n], out[n:]
+            out = pos + run.guidance * (pos - neg)
+        return -out  # ZImagePipeline's sign: the scheduler's velocity, noise - x0
 
     def _schedule(self, steps: int, image_tokens: int):
         """A scheduler of its own per call (schedulers keep per-run state),
