@@ -68,8 +68,11 @@ def start_local_graph(args: dict[str, Any], num_cpus: int | None = None) -> str:
     from ray import serve
 
     from serve_app.app import build_app
+    from serve_app.config import use_ray_env
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # The environment the shipped clusters run with (this checkout's or the bundle's configs/).
+    use_ray_env(ROOT / "configs" / "ray.env")
     port = free_port()
     # address="local": a cluster of its own, never one that `ray start` left running here.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -42,6 +42,30 @@ def node_path(path: str) -> Path:
     return resolve_path(os.path.expandvars(path))
 
 
+RAY_ENV_FILE = PROJECT_ROOT / "configs" / "ray.env"
+
+
+def read_env_file(path: str | os.PathLike = RAY_ENV_FILE) -> dict[str, str]:
+    """``KEY=VALUE`` lines (``#`` comments, blank lines) -> a dict: the
+    environment the project's Ray clusters run with (configs/ray.env)."""
+    env = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise ValueError(f"{path}: not KEY=VALUE: {line!r}")
+            env[key.strip()] = value.strip()
+    return env
+
+
+def use_ray_env(path: str | os.PathLike = RAY_ENV_FILE) -> None:
+    """Put configs/ray.env into this process's environment, where a variable
+    is not set already, before it starts a Ray cluster (whose processes inherit it)."""
+    for key, value in read_env_file(path).items():
+        os.environ.setdefault(key, value)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

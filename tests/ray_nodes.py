@@ -37,6 +37,8 @@ from typing import Any
 
 import httpx
 
+from serve_app.config import read_env_file
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 # The GCS declares a raylet dead after this many failed health checks, one
@@ -107,6 +109,7 @@ class LocalRayCluster:
     def env(self) -> dict[str, str]:
         """Environment for the nodes and for Ray's CLIs talking to them."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(read_env_file())  # configs/ray.env, as README "Deployment" says to set on each node
         env.update(
             RAY_AUTH_MODE="token",
             RAY_AUTH_TOKEN=self.token,

@@ -29,7 +29,10 @@ def free_port() -> int:
 def ray_cluster():
     import ray
 
+    from serve_app.config import use_ray_env
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    use_ray_env()  # configs/ray.env, as the shipped clusters run
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()

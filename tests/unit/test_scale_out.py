@@ -61,6 +61,33 @@ def test_rayservice_has_a_head_without_replicas_and_a_worker_group():
     assert workers["minReplicas"] <= workers["replicas"] <= workers["maxReplicas"]
 
 
+def test_rayservice_pods_run_with_the_shipped_ray_env():
+    """Every pod (head and workers share one env list) gets configs/ray.env's
+    variables with its values, so changing one without the other fails here."""
+    from serve_app.config import read_env_file
+
+    cluster = load("configs/kuberay/rayservice.yaml")["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    shipped = read_env_file()
+    assert shipped
+    for group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert {k: env.get(k) for k in shipped} == shipped, group.get("groupName", "head")
+
+
+def test_the_ray_env_file_parses_and_refuses_a_line_without_a_value(tmp_path):
+    from serve_app.config import read_env_file
+
+    good = tmp_path / "good.env"
+    good.write_text("# a comment\n\nA=1\n B = two words \n")
+    assert read_env_file(good) == {"A": "1", "B": "two words"}
+    bad = tmp_path / "bad.env"
+    bad.write_text("JUST_A_NAME\n")
+    with pytest.raises(ValueError, match="JUST_A_NAME"):
+        read_env_file(bad)
+
+
 @pytest.mark.parametrize("path", ["configs/serve_config.autoscale.yaml", "configs/serve_config.gpu.yaml"])
 def test_autoscaling_profiles_scale_each_model_stage_on_its_own(path):
     from ray.serve.schema import ServeDeploySchema
