@@ -5,42 +5,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
 from PIL import Image
 
 from serve_app.pipeline.architectures.flux import FluxArchitecture
 from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.types import DenoiseJob
+from tests.pipeline.stage_checks import Stages, assert_not_flat, max_diff, pipeline_pixels
 
 PROMPT = "a photo of a red cat on the sea"
 # Not square, so that a height/width mix-up in packing or ids shows.
 HEIGHT, WIDTH = 64, 128
 
 
-class Stages:
-    """Three instances of a FLUX architecture, each holding only its own stage's components, as three replicas would."""
-
-    def __init__(self, model_dir, architecture=FluxArchitecture):
-        self.layout = layout = PipelineLayout.read(model_dir)
-        self.text, self.denoiser, self.vae = (architecture(layout) for _ in range(3))
-        self.text.load_text()
-        self.denoiser.load_denoiser()
-        self.vae.load_vae()
-
-    def latents(self, jobs, preview_steps=frozenset()):
-        return list(self.denoiser.denoise(jobs, set(preview_steps), every_step=False))
-
-    def generate(self, job: DenoiseJob) -> np.ndarray:
-        kind, latents = self.latents([job])[-1]
-        assert kind == "final"
-        return self.vae.decode(latents)
-
-
 @pytest.fixture(scope="module", params=["tiny-flux-dev", "tiny-flux-schnell"])
 def flux(request, tiny_model_dir):
     model_dir = tiny_model_dir(request.param)
-    return request.param, model_dir, Stages(model_dir)
+    return request.param, model_dir, Stages(FluxArchitecture, model_dir)
 
 
 def reference(pipeline_class, flux, seeds, steps, **kwargs) -> np.ndarray:
@@ -49,28 +30,18 @@ def reference(pipeline_class, flux, seeds, steps, **kwargs) -> np.ndarray:
     _, model_dir, stages = flux
     pipe = pipeline_class.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(
-        PROMPT,
+    return pipeline_pixels(
+        pipe,
+        seeds,
+        prompt=PROMPT,
         height=HEIGHT,
         width=WIDTH,
         num_inference_steps=steps,
         guidance_scale=3.5,
         num_images_per_prompt=len(seeds),
-        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
         max_sequence_length=stages.text.t5_window,
-        output_type="np",
         **kwargs,
-    ).images
-    return (out * 255).round().astype(np.uint8)
-
-
-def max_diff(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
-
-
-def assert_not_flat(pixels: np.ndarray) -> None:
-    # Random weights could saturate every pixel; then equal images would prove nothing.
-    assert pixels.std() > 10 and len(np.unique(pixels)) > 50
+    )
 
 
 def test_matches_diffusers_two_images_per_image_seeds(flux):

@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from diffusers import Flux2KleinPipeline
 from PIL import Image
 
@@ -16,14 +15,15 @@ from serve_app.pipeline.architectures import architecture_for
 from serve_app.pipeline.architectures.flux2 import Flux2KleinArchitecture
 from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.types import DenoiseJob, EditsUnsupported
-from tests.pipeline.test_arch_flux import PROMPT, Stages, assert_not_flat, max_diff
+from tests.pipeline.stage_checks import Stages, assert_not_flat, max_diff, pipeline_pixels
+from tests.pipeline.test_arch_flux import PROMPT
 from tests.pipeline.test_arch_flux_edit import HEIGHT, WIDTH, band_alpha, smooth_image
 
 
 @pytest.fixture(scope="module")
 def klein(tiny_model_dir):
     model_dir = tiny_model_dir("tiny-flux2-klein")
-    return model_dir, Stages(model_dir, Flux2KleinArchitecture)
+    return model_dir, Stages(Flux2KleinArchitecture, model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +34,18 @@ def reference_pipe(klein):
 
 
 def reference(pipe, seeds, steps, guidance, **kwargs) -> np.ndarray:
-    out = pipe(
+    return pipeline_pixels(
+        pipe,
+        seeds,
         prompt=PROMPT,
         height=HEIGHT,
         width=WIDTH,
         num_inference_steps=steps,
         guidance_scale=guidance,
         num_images_per_prompt=len(seeds),
-        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
         max_sequence_length=64,
-        output_type="np",
         **kwargs,
-    ).images
-    return (out * 255).round().astype(np.uint8)
+    )
 
 
 @pytest.mark.parametrize("guidance", [4.0, 1.0])
@@ -127,7 +126,7 @@ def test_distilled_checkpoint_has_no_negative_and_ignores_guidance(klein, tmp_pa
     distilled = shutil.copytree(model_dir, tmp_path / "distilled")
     index = json.loads((distilled / "model_index.json").read_text())
     (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
-    stages = Stages(distilled, Flux2KleinArchitecture)
+    stages = Stages(Flux2KleinArchitecture, distilled)
     emb = stages.text.encode(PROMPT)
     assert emb.negative_prompt_embeds is None
     a, b = (stages.latents([DenoiseJob(emb, [1], HEIGHT, WIDTH, 2, g)])[-1][1] for g in (1.0, 5.0))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from diffusers import FluxFillPipeline, FluxKontextPipeline
 from PIL import Image
 
@@ -14,7 +13,8 @@ from serve_app.pipeline.architectures.flux import FluxFillArchitecture, FluxKont
 from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.denoise import LatentDenoiser
 from serve_app.pipeline.types import DenoiseJob, EditsUnsupported, NeedsInputImage
-from tests.pipeline.test_arch_flux import PROMPT, Stages, assert_not_flat, max_diff
+from tests.pipeline.stage_checks import Stages, assert_not_flat, max_diff, pipeline_pixels
+from tests.pipeline.test_arch_flux import PROMPT
 
 # Not square, so that a height/width mix-up in packing, ids or the mask shows.
 HEIGHT, WIDTH = 64, 96
@@ -38,30 +38,29 @@ def band_alpha(left: int, right: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def fill(tiny_model_dir):
     model_dir = tiny_model_dir("tiny-flux-fill")
-    return model_dir, Stages(model_dir, FluxFillArchitecture)
+    return model_dir, Stages(FluxFillArchitecture, model_dir)
 
 
 @pytest.fixture(scope="module")
 def kontext(tiny_model_dir):
     model_dir = tiny_model_dir("tiny-flux-kontext")
-    return model_dir, Stages(model_dir, FluxKontextArchitecture)
+    return model_dir, Stages(FluxKontextArchitecture, model_dir)
 
 
 def run_diffusers(pipe, seeds, steps, guidance, **kwargs) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(
+    return pipeline_pixels(
+        pipe,
+        seeds,
         prompt=PROMPT,
         height=HEIGHT,
         width=WIDTH,
         num_inference_steps=steps,
         guidance_scale=guidance,
         num_images_per_prompt=len(seeds),
-        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
         max_sequence_length=64,
-        output_type="np",
         **kwargs,
-    ).images
-    return (out * 255).round().astype(np.uint8)
+    )
 
 
 # --- FLUX.1 Fill -------------------------------------------------------------------

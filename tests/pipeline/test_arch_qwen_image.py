@@ -5,48 +5,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from serve_app.pipeline.architectures.qwen_image import QwenImageArchitecture
 from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.types import DenoiseJob
+from tests.pipeline.stage_checks import Stages, assert_not_flat, max_diff, one_torch_thread, pipeline_pixels  # noqa: F401 (one_torch_thread: autouse)
 
 PROMPT = "a photo of a red cat on the sea"
 # Not square, so that a height/width mix-up in packing or RoPE shapes shows.
 HEIGHT, WIDTH = 64, 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dir):
     return tiny_model_dir("tiny-qwen-image")
-
-
-class Stages:
-    """Three architecture instances, each holding only its own stage's components, as three replicas would."""
-
-    def __init__(self, arch, model_dir):
-        layout = PipelineLayout.read(model_dir)
-        self.text, self.denoiser, self.vae = (arch(layout) for _ in range(3))
-        self.text.load_text()
-        self.denoiser.load_denoiser()
-        self.vae.load_vae()
-
-    def latents(self, jobs, preview_steps=frozenset()):
-        return list(self.denoiser.denoise(jobs, set(preview_steps), every_step=False))
-
-    def generate(self, job: DenoiseJob) -> np.ndarray:
-        kind, latents = self.latents([job])[-1]
-        assert kind == "final"
-        return self.vae.decode(latents)
 
 
 @pytest.fixture(scope="module")
@@ -64,27 +36,9 @@ def reference_pipe(model_dir):
 
 
 def reference(pipe, seeds, steps, **kwargs) -> np.ndarray:
-    """diffusers' own pipeline, one CPU generator per image, as the uint8 its PIL output would hold."""
-    out = pipe(
-        PROMPT,
-        height=HEIGHT,
-        width=WIDTH,
-        num_inference_steps=steps,
-        num_images_per_prompt=len(seeds),
-        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-        output_type="np",
-        **kwargs,
-    ).images
-    return (out * 255).round().astype(np.uint8)
-
-
-def max_diff(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
-
-
-def assert_not_flat(pixels: np.ndarray) -> None:
-    # Random weights could saturate every pixel; then equal images would prove nothing.
-    assert pixels.std() > 10 and len(np.unique(pixels)) > 50
+    return pipeline_pixels(
+        pipe, seeds, prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=steps, num_images_per_prompt=len(seeds), **kwargs
+    )
 
 
 def test_matches_diffusers_with_true_cfg_and_without(stages, reference_pipe):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from serve_app.pipeline.architectures.qwen_image import (
@@ -17,19 +16,11 @@ from serve_app.pipeline.architectures.qwen_image import (
 )
 from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.types import DenoiseJob, EditsUnsupported
-from tests.pipeline.test_arch_qwen_image import Stages, assert_not_flat, max_diff
+from tests.pipeline.stage_checks import Stages, assert_not_flat, max_diff, one_torch_thread, pipeline_pixels  # noqa: F401 (one_torch_thread: autouse)
 
 PROMPT = "make the cat blue"
 # The output is not the input's size or aspect: the references keep the input's.
 HEIGHT, WIDTH = 64, 128
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def smooth_image(height: int, width: int, shift: int = 0) -> np.ndarray:
@@ -44,11 +35,10 @@ def reference(pipeline_class, model_dir, stages, image, seed: int) -> np.ndarray
         str(model_dir), processor=qwen2_vl_processor(PipelineLayout.read(model_dir), stages.text.text_pipe.tokenizer)
     )
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(
-        image=image, prompt=PROMPT, negative_prompt="", true_cfg_scale=4.0, height=HEIGHT, width=WIDTH,
-        num_inference_steps=2, generator=[torch.Generator("cpu").manual_seed(seed)], output_type="np",
-    ).images
-    return (out * 255).round().astype(np.uint8)
+    return pipeline_pixels(
+        pipe, [seed], image=image, prompt=PROMPT, negative_prompt="", true_cfg_scale=4.0, height=HEIGHT, width=WIDTH,
+        num_inference_steps=2,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -12,20 +12,11 @@ from serve_app.pipeline.architectures import architecture_for
 from serve_app.pipeline.architectures.sd3 import SD3Architecture
 from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.types import DenoiseJob
+from tests.pipeline.stage_checks import max_diff, one_torch_thread  # noqa: F401 (one_torch_thread: autouse)
 
 PROMPT = "a cute baby sea otter in the city at dusk"
 # Not square, so that a height/width mix-up shows: 8x12 latents, 4x6 patches.
 HEIGHT, WIDTH = 64, 96
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two threads wait on
-    each other and run these tiny matmuls an order of magnitude slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +50,6 @@ def denoise_all(denoiser, jobs, preview_steps=frozenset()):
     events = list(denoiser.denoise(jobs, set(preview_steps), every_step=False))
     assert events[-1][0] == "final"
     return events
-
-
-def max_diff(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
 def test_loads_from_model_index_and_each_stage_loads_only_its_part(model_dir, stages):

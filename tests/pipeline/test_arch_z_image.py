@@ -6,26 +6,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from serve_app.pipeline.architectures.z_image import ZImageArchitecture
 from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.types import DenoiseJob
-from tests.pipeline.test_arch_qwen_image import Stages, assert_not_flat, max_diff
+from tests.pipeline.stage_checks import Stages, assert_not_flat, max_diff, one_torch_thread, pipeline_pixels  # noqa: F401 (one_torch_thread: autouse)
 
 PROMPT = "a photo of a red cat on the sea"
 # Not square, so that a height/width mix-up in the latent grid or RoPE shows.
 HEIGHT, WIDTH = 64, 128
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +35,9 @@ def diffusers_pipe(pipeline_class, model_dir):
 
 
 def reference(pipe, seeds, steps, **kwargs) -> np.ndarray:
-    """diffusers' own pipeline, one CPU generator per image, as the uint8 its PIL output would hold."""
-    out = pipe(
-        PROMPT,
-        height=HEIGHT,
-        width=WIDTH,
-        num_inference_steps=steps,
-        num_images_per_prompt=len(seeds),
-        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-        output_type="np",
-        **kwargs,
-    ).images
-    return (out * 255).round().astype(np.uint8)
+    return pipeline_pixels(
+        pipe, seeds, prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=steps, num_images_per_prompt=len(seeds), **kwargs
+    )
 
 
 def test_matches_diffusers_without_guidance_and_with(stages, model_dir):
