@@ -47,22 +47,43 @@ BIN = Path(sys.executable).parent
 HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int, taken: set[int]) -> list[int]:
+    """``count`` distinct free ports, none in ``taken``, which grows by them.
+    Each socket stays bound until all are picked, so the OS cannot hand the
+    same port out twice; ``taken`` keeps ports picked for one node from
+    being picked again for another before the first binds them (Ray refuses
+    to start a node whose components share a port)."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in taken:
+                ports.append(port)
+                taken.add(port)
+    finally:
+        for s in socks:
+            s.close()
+    return ports
 
 
-def free_port_range(size: int) -> int:
-    """The first of ``size`` consecutive free ports (for a node's worker processes)."""
+def free_port_range(size: int, taken: set[int]) -> int:
+    """The first of ``size`` consecutive free ports, none in ``taken``, which
+    grows by them (for a node's worker processes)."""
     for _ in range(200):
         first = random.randrange(30000, 60000 - size)
+        if taken.intersection(range(first, first + size)):
+            continue
         try:
             socks = []
             for port in range(first, first + size):
                 s = socket.socket()
                 socks.append(s)
                 s.bind(("127.0.0.1", port))
+            taken.update(range(first, first + size))
             return first
         except OSError:
             continue
@@ -104,6 +125,8 @@ class LocalRayCluster:
     nodes: list[Node] = field(default_factory=list)
     gcs_port: int = 0
     dashboard_port: int = 0
+    # Every port handed to a node so far (free_ports, free_port_range).
+    taken_ports: set[int] = field(default_factory=set)
 
     @property
     def env(self) -> dict[str, str]:
@@ -138,17 +161,18 @@ class LocalRayCluster:
         temp_dir = self.temp_dir / name
         temp_dir.mkdir()
         log = self.temp_dir / f"{name}.out"
-        worker_ports = free_port_range(40)
+        worker_ports = free_port_range(40, self.taken_ports)
+        node_manager, object_manager, agent_listen, agent_grpc, runtime_env, metrics = free_ports(6, self.taken_ports)
         command = [
             str(BIN / "ray"), "start", "--block",
             "--node-ip-address=127.0.0.1",
             f"--temp-dir={temp_dir}",
             f"--num-cpus={num_cpus:g}", "--num-gpus=0",
             f"--resources={json.dumps(resources)}",
-            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
             f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 39}",
-            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--dashboard-agent-listen-port={agent_listen}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
             "--object-store-memory=100000000", "--include-log-monitor=false", "--disable-usage-stats",
             *args,
         ]  # fmt: skip
@@ -162,14 +186,18 @@ class LocalRayCluster:
         return node
 
     def start_head(self, resources: dict[str, float], num_cpus: float = 2) -> Node:
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.gcs_port, self.dashboard_port, client_port = free_ports(3, self.taken_ports)
         args = [
             "--head", f"--port={self.gcs_port}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={free_port()}",
+            f"--ray-client-server-port={client_port}",
             f"--system-config={json.dumps(HEALTH_CHECKS)}",
         ]  # fmt: skip
         return self._start("head", args, resources, num_cpus)
+
+    def port(self) -> int:
+        """A free port no node of this cluster was given (e.g. Serve's HTTP port)."""
+        return free_ports(1, self.taken_ports)[0]
 
     def add_worker(self, name: str, resources: dict[str, float], num_cpus: float = 2) -> Node:
         return self._start(name, [f"--address=127.0.0.1:{self.gcs_port}"], resources, num_cpus)

@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from tests.conftest import TEST_API_KEY
-from tests.ray_nodes import ROOT, LocalRayCluster, free_port
+from tests.ray_nodes import ROOT, LocalRayCluster
 
 pytestmark = pytest.mark.ray
 
@@ -113,7 +113,7 @@ def cluster(app_args, tmp_path_factory, s3_endpoint, s3_models):
         cluster.add_worker("gpu_b", {"gpu_like": 1}, num_cpus=1)
         cluster.wait_for_nodes(120)
         print("nodes up", time.monotonic() - STARTED)
-        cluster.http_url = f"http://127.0.0.1:{free_port()}"
+        cluster.http_url = f"http://127.0.0.1:{cluster.port()}"
         config_file = folder / "serve_config.yaml"
         config_file.write_text(yaml.safe_dump(placed_config(app_args, int(cluster.http_url.rsplit(":", 1)[1]))))
         deployed = cluster.cli("serve", "deploy", "--address", cluster.dashboard_url, str(config_file))
