@@ -12,7 +12,7 @@ from serve_app.pipeline.architectures import architecture_for
 from serve_app.pipeline.architectures.sd3 import SD3Architecture
 from serve_app.pipeline.components import PipelineLayout
 from serve_app.pipeline.types import DenoiseJob
-from tests.pipeline.stage_checks import max_diff, one_torch_thread  # noqa: F401 (one_torch_thread: autouse)
+from tests.pipeline.stage_checks import Stages, max_diff, one_torch_thread  # noqa: F401 (one_torch_thread: autouse)
 
 PROMPT = "a cute baby sea otter in the city at dusk"
 # Not square, so that a height/width mix-up shows: 8x12 latents, 4x6 patches.
@@ -27,12 +27,8 @@ def model_dir(tiny_model_dir):
 @pytest.fixture(scope="module")
 def stages(model_dir):
     """One architecture object per stage, each loading only its own part, as the deployments do."""
-    layout = PipelineLayout.read(model_dir)
-    text, denoiser, vae = SD3Architecture(layout), SD3Architecture(layout), SD3Architecture(layout)
-    text.load_text()
-    denoiser.load_denoiser()
-    vae.load_vae()
-    return text, denoiser, vae
+    held = Stages(SD3Architecture, model_dir)
+    return held.text, held.denoiser, held.vae
 
 
 @pytest.fixture(scope="module")

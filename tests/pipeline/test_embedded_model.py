@@ -97,10 +97,7 @@ def inpaint(client, masked: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     scene = Scene("white", (Shape("circle", "red", "large", "left"),))
     original = render(scene, 256)
     alpha = np.full((256, 256), 255, np.uint8)
-    if masked == "right":
-        alpha[:, 128:] = 0
-    else:
-        alpha[:, :128] = 0
+    alpha[:, {"left": slice(None, 128), "right": slice(128, None)}[masked]] = 0
     mask = original.copy()
     mask.putalpha(Image.fromarray(alpha))
     img = client.images.edit(

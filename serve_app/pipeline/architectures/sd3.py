@@ -120,7 +120,7 @@ class SD3Architecture(FlowMatchingArchitecture):
         return bool(torch.isfinite(out).all())
 
     def _prepare(self, jobs: list[DenoiseJob]) -> "_Run":
-        return _Run(self, jobs, guided=jobs[0].guidance > 1.0)
+        return _Run(self, jobs)
 
     def _velocity(self, run: "_Run", latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         model_in = torch.cat([latents] * 2) if run.guided else latents
@@ -186,12 +186,14 @@ class _Run:
     So an image depends only on its seed (and input), never on its batch.
     """
 
-    def __init__(self, arch: SD3Architecture, jobs: list[DenoiseJob], guided: bool):
+    def __init__(self, arch: SD3Architecture, jobs: list[DenoiseJob]):
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
         first = jobs[0]
         device, dtype = arch.device, arch.dtype
-        self.guided, self.guidance = guided, first.guidance
+        # The batch shares its guidance (DenoiseJob.batch_key); SD3 guides above 1.
+        self.guidance = first.guidance
+        self.guided = guided = first.guidance > 1.0
 
         def per_image(field: str) -> torch.Tensor:
             # Each job's (1, ...) embedding once per image, jobs in order.
