@@ -98,9 +98,20 @@ def vae():
     )
 
 
-def unet():
+def unet(film: bool = False):
+    """The UNet: the committed model's, or with ``film`` one whose ResNet
+    blocks the caption also scales and shifts.
+
+    With ``film`` the caption, pooled by attention, joins the timestep
+    embedding, and that embedding scales and shifts every ResNet block's
+    normalised features (FiLM) instead of being added before a group norm
+    that takes most of a uniform offset out again. Trained on the pure-noise
+    step alone (caption to picture), the committed design had not learnt
+    the background colour after 1,400 steps; this one had it after 300
+    (README, "The embedded model")."""
     from diffusers import UNet2DConditionModel
 
+    conditioning = {"addition_embed_type": "text", "addition_embed_type_num_heads": 4, "resnet_time_scale_shift": "scale_shift"}
     return UNet2DConditionModel(
         sample_size=32,
         in_channels=4,
@@ -112,6 +123,7 @@ def unet():
         attention_head_dim=16,
         norm_num_groups=8,
         cross_attention_dim=TEXT_HIDDEN,
+        **(conditioning if film else {}),
     )
 
 
