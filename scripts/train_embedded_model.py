@@ -61,10 +61,11 @@ UNET_RESOLUTIONS = {
     # The committed model's: mostly small images for speed, some 512s so
     # that the model sees the latent sizes it serves.
     "128-512": ((128, 24, 0.4), (256, 8, 0.5), (512, 2, 0.1)),
-    # Only the two sizes the evaluation asks for. The UNet's only sense of
-    # where "top left" is comes from its convolutions' zero padding, which
-    # counts latent pixels from the edge, not fractions of the frame, so a
-    # 128 image teaches other distances than the 256 and 512 it serves.
+    # Only the two sizes the evaluation asks for. The reasoning, not tested
+    # on its own: the UNet's only sense of where "top left" is comes from
+    # its convolutions' zero padding, which counts latent pixels from the
+    # edge, not fractions of the frame, so a 128 image teaches other
+    # distances than the 256 and 512 it serves.
     "256-512": ((256, 8, 0.7), (512, 2, 0.3)),
 }
 
@@ -76,6 +77,16 @@ def log(message: str) -> None:
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     """uint8 HWC images -> a float batch in [-1, 1], as the VAE expects."""
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def scene_pixels(scenes: list[Scene], resolution: int) -> torch.Tensor:
+    """The scenes drawn as one batch for the VAE, (N, 3, H, W) in [-1, 1]."""
+    return to_tensor([to_array(render(scene, resolution)) for scene in scenes])
+
+
+def shape_masks(scenes: list[Scene], resolution: int) -> torch.Tensor:
+    """Where the scenes' shapes are, (N, 1, H, W): 1 on a shape, 0 on the background."""
+    return torch.from_numpy(np.stack([np.asarray(render_mask(scene, resolution)) for scene in scenes])).float()[:, None] / 255
 
 
 class Budget:
@@ -108,7 +119,7 @@ def learning_rate(peak: float, fraction: float, warmup: float = 0.03) -> float:
 
 def palette(resolution: int) -> torch.Tensor:
     """Each named colour as a whole image, one batch."""
-    return to_tensor([to_array(render(Scene(name, ()), resolution)) for name in COLOURS])
+    return scene_pixels([Scene(name, ()) for name in COLOURS], resolution)
 
 
 def colour_errors(vae, resolution: int = 128) -> dict[str, float]:
@@ -152,15 +163,12 @@ def locality_loss(vae, rng: random.Random, count: int = 4, resolution: int = 128
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     def latents(batch):
-        return vae.encode(to_tensor([to_array(render(s, resolution)) for s in batch])).latent_dist.mean
+        return vae.encode(scene_pixels(batch, resolution)).latent_dist.mean
 
-    def masks(batch):
-        return torch.from_numpy(np.stack([np.asarray(render_mask(s, resolution)) for s in batch])).float()[:, None] / 255
-
-    base = latents(scenes)
-    inside = -F.max_pool2d(-masks(scenes), factor)  # latent pixels wholly inside a shape
+    base, masks = latents(scenes), shape_masks(scenes, resolution)
+    inside = -F.max_pool2d(-masks, factor)  # latent pixels wholly inside a shape
     # Background at least one latent pixel away from every shape in either scene.
-    near = F.max_pool2d(torch.maximum(masks(scenes), masks(reshaped)), factor)
+    near = F.max_pool2d(torch.maximum(masks, shape_masks(reshaped, resolution)), factor)
     away = 1 - F.max_pool2d(near, 3, stride=1, padding=1)
     shapes = ((base - latents(recoloured)).abs() * inside).sum() / (inside.sum() * base.shape[1]).clamp(min=1)
     backgrounds = ((base - latents(reshaped)).abs() * away).sum() / (away.sum() * base.shape[1]).clamp(min=1)
@@ -180,7 +188,7 @@ def train_vae(args, rng: random.Random) -> "AutoencoderKL":  # noqa: F821
         # normalise to nothing whatever its colour.
         resolution = rng.choice((64, 128))
         batch = args.vae_batch * (128 // resolution) ** 2 // 2
-        pixels = to_tensor([to_array(render(random_scene(rng, two_shapes=0.3), resolution)) for _ in range(batch)])
+        pixels = scene_pixels([random_scene(rng, two_shapes=0.3) for _ in range(batch)], resolution)
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         # L1 keeps flat colours exact and edges sharp; the KL term only keeps the latents bounded.
@@ -215,7 +223,7 @@ def train_vae(args, rng: random.Random) -> "AutoencoderKL":  # noqa: F821
     vae.eval()
     # Scale latents to unit variance, measured on whole scenes.
     with torch.no_grad():
-        scenes = to_tensor([to_array(render(random_scene(rng), 256)) for _ in range(64)])
+        scenes = scene_pixels([random_scene(rng) for _ in range(64)], 256)
         latents = vae.encode(scenes).latent_dist.mean
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     log(f"vae scaling factor {vae.config.scaling_factor:.4f}")
@@ -236,7 +244,7 @@ def train_decoder(args, rng: random.Random, vae) -> None:
         # Large flat regions far from any edge exist only in large images; the decoder must see them.
         resolution = rng.choice((128, 256, 512))
         batch = {128: 8, 256: 2, 512: 1}[resolution]
-        pixels = to_tensor([to_array(render(random_scene(rng, two_shapes=0.3), resolution)) for _ in range(batch)])
+        pixels = scene_pixels([random_scene(rng, two_shapes=0.3) for _ in range(batch)], resolution)
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample()
         loss = F.l1_loss(vae.decode(latents).sample, pixels)
@@ -287,7 +295,7 @@ def train_unet(args, rng: random.Random, vae, scratch: Path, out: Path) -> tuple
         scenes = [random_scene(rng) for _ in range(batches[resolution])]
         captions = ["" if rng.random() < CAPTION_DROPOUT else caption(s, rng) for s in scenes]
         with torch.no_grad():
-            pixels = to_tensor([to_array(render(s, resolution)) for s in scenes])
+            pixels = scene_pixels(scenes, resolution)
             latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
         noise = torch.randn_like(latents)
@@ -314,8 +322,7 @@ def train_unet(args, rng: random.Random, vae, scratch: Path, out: Path) -> tuple
             # asked for and shapes of random colour and place. Latent pixels
             # any shape touches weigh 1 + shape_weight; the mean stays a
             # weighted mean, so the loss's scale does not move.
-            masks = torch.from_numpy(np.stack([np.asarray(render_mask(s, resolution)) for s in scenes])).float() / 255
-            touched = F.max_pool2d(masks[:, None], kernel_size=resolution // latents.shape[-1])
+            touched = F.max_pool2d(shape_masks(scenes, resolution), kernel_size=resolution // latents.shape[-1])
             weight = 1 + args.shape_weight * touched
             loss = (error * weight).mean() / weight.mean()
         else:

@@ -29,7 +29,7 @@ def test_the_default_unet_is_the_committed_one():
 
 
 @pytest.mark.parametrize("film", [False, True])
-def test_the_unet_takes_the_caption_the_pipeline_gives_it(film):
+def test_the_caption_reaches_each_images_prediction(film):
     import torch
 
     unet = embedded.unet(film=film).eval()
