@@ -186,3 +186,55 @@ def nearest_colour(rgb) -> str:
     """The named colour closest to an RGB triple (what the evaluation and tests read a region as)."""
     rgb = np.asarray(rgb, dtype=np.float64)
     return min(COLOURS, key=lambda name: float(np.sum((rgb - np.asarray(COLOURS[name])) ** 2)))
+
+
+def colour_map(image: np.ndarray) -> np.ndarray:
+    """Each pixel's nearest named colour, as an index into COLOURS."""
+    palette = np.asarray(list(COLOURS.values()), dtype=np.float32)
+    distances = ((image.astype(np.float32)[:, :, None, :] - palette[None, None]) ** 2).sum(-1)
+    return distances.argmin(-1)
+
+
+@dataclass
+class Score:
+    background: bool
+    colour: bool
+    shape: bool
+    position: bool
+    found: str  # what was measured, for the contact sheet
+
+
+def score(image: np.ndarray, scene: Scene, region: np.ndarray | None = None) -> Score:
+    """Measure the scene's first shape in an image (within ``region``, a boolean mask, if given)."""
+    shape = scene.shapes[0]
+    size = image.shape[0]
+    names = list(COLOURS)
+    h = max(2, size // 32)
+    border = np.concatenate([image[:h].reshape(-1, 3), image[-h:].reshape(-1, 3), image[:, :h].reshape(-1, 3), image[:, -h:].reshape(-1, 3)])
+    background = nearest_colour(np.median(border, axis=0))
+    left, top, right, bottom = shape_box(shape, size)
+    w = right - left
+    # The middle of the shape (for a triangle, below its centre, where it is wide).
+    cy = top + (0.65 if shape.kind == "triangle" else 0.5) * w
+    cx = (left + right) / 2
+    core = image[int(cy - w / 8) : int(cy + w / 8), int(cx - w / 8) : int(cx + w / 8)].reshape(-1, 3)
+    colour = nearest_colour(np.median(core, axis=0))
+    pixels = colour_map(image) == names.index(shape.colour)
+    if region is not None:
+        pixels &= region
+    kind, position = "none", "none"
+    if pixels.sum() >= 16:
+        ys, xs = np.nonzero(pixels)
+        y0, y1 = np.percentile(ys, [1, 99])
+        x0, x1 = np.percentile(xs, [1, 99])
+        fill = pixels.sum() / max(1.0, (y1 - y0 + 1) * (x1 - x0 + 1))
+        kind = min(SHAPES, key=lambda k: abs(FILL_RATIOS[k] - fill))
+        centre = (xs.mean() / size, ys.mean() / size)
+        position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - centre[0]) ** 2 + (POSITIONS[p][1] - centre[1]) ** 2)
+    return Score(
+        background=background == scene.background,
+        colour=colour == shape.colour,
+        shape=kind == shape.kind,
+        position=position == shape.position,
+        found=f"{background}/{colour} {kind} {position}",
+    )
