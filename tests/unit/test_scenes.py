@@ -1,5 +1,6 @@
 """The embedded model's scene generator (serve_app/pipeline/scenes.py): what
-training draws and what its shape-weighted loss is told about each scene."""
+training draws, what its shape-weighted loss is told about each scene, and
+the scorer the evaluation measures pictures with."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import random
 
 import numpy as np
 
-from serve_app.pipeline.scenes import COLOURS, random_scene, render, render_mask
+import pytest
+
+from serve_app.pipeline.scenes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, Shape, random_scene, render, render_mask, score
 
 
 def test_the_shape_mask_covers_exactly_the_pixels_drawn_in_a_shape_colour():
@@ -21,3 +24,22 @@ def test_the_shape_mask_covers_exactly_the_pixels_drawn_in_a_shape_colour():
         # Shapes never take the background's colour, so the two partitions agree.
         assert np.array_equal(mask == 255, ~background)
         assert 0 < (mask == 255).mean() < 0.5
+
+
+@pytest.mark.parametrize("resolution", [256, 512])
+def test_the_scorer_reads_every_drawn_scene_as_what_it_is(resolution):
+    # A perfect picture must score right on every count, at both sizes the
+    # evaluation uses: a scorer that misreads one caps whatever model it measures.
+    for kind in SHAPES:
+        for size in SIZES:
+            for position in POSITIONS:
+                scene = Scene("blue", (Shape(kind, "yellow", size, position),))
+                result = score(np.asarray(render(scene, resolution)), scene)
+                assert (result.background, result.colour, result.shape, result.position) == (True,) * 4, result.found
+
+
+def test_the_scorer_tells_a_wrong_shape_colour_and_place():
+    asked = Scene("white", (Shape("circle", "red", "large", "top left"),))
+    drawn = Scene("white", (Shape("square", "green", "large", "bottom right"),))
+    result = score(np.asarray(render(drawn, 256)), asked)
+    assert result.background and not (result.colour or result.shape or result.position)
