@@ -307,7 +307,7 @@ def train_unet(args, rng: random.Random, vae, scratch: Path, out: Path) -> tuple
         unet = UNet2DConditionModel.from_pretrained(str(Path(args.unet_init) / "unet"))
     else:
         text_encoder = embedded.text_encoder(len(tokenizer))
-        unet = embedded.unet(film=args.unet_film)
+        unet = embedded.unet()
     # The training noise schedule is the sampler's (same betas).
     noise_schedule = DDPMScheduler.from_config(embedded.scheduler().config)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -405,7 +405,7 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--vae-minutes", type=float, default=35.0)
+    parser.add_argument("--vae-minutes", type=float, default=28.0)
     parser.add_argument("--vae-steps", type=int, help="a step count instead of --vae-minutes")
     parser.add_argument("--vae-batch", type=int, default=8, help="scenes of 128 pixels per step (twice as many of 64)")
     parser.add_argument("--vae-init", help="a VAE folder to continue training from, instead of new weights")
@@ -422,20 +422,16 @@ def main() -> None:
         "--vae-locality-weight", type=float, default=0.0,
         help="weight of the term that makes a latent pixel encode the same whatever lies away from it (0: none)",
     )
-    parser.add_argument("--unet-minutes", type=float, default=100.0)
+    parser.add_argument("--unet-minutes", type=float, default=85.0)
     parser.add_argument("--unet-steps", type=int, help="a step count instead of --unet-minutes")
-    parser.add_argument("--unet-lr", type=float, default=6e-4)
-    parser.add_argument("--unet-sizes", choices=sorted(UNET_RESOLUTIONS), default="128-512", help="the image sizes the UNet trains on")
+    parser.add_argument("--unet-lr", type=float, default=5e-4)
+    parser.add_argument("--unet-sizes", choices=sorted(UNET_RESOLUTIONS), default="256-512", help="the image sizes the UNet trains on")
     parser.add_argument(
-        "--unet-film", action="store_true",
-        help="a new UNet whose ResNet blocks the pooled caption scales and shifts (embedded.unet(film=True))",
-    )
-    parser.add_argument(
-        "--first-step-share", type=float, default=0.0,
+        "--first-step-share", type=float, default=0.25,
         help="share of the UNet's samples trained at the pure-noise step the sampler starts from",
     )
     parser.add_argument(
-        "--shape-weight", type=float, default=0.0,
+        "--shape-weight", type=float, default=2.0,
         help="extra loss weight on the latent pixels a shape touches (0: every pixel alike)",
     )
     parser.add_argument(

@@ -98,21 +98,18 @@ def vae():
     )
 
 
-def unet(film: bool = False):
-    """The UNet: the committed model's, or with ``film`` one whose ResNet
-    blocks the caption also scales and shifts.
-
-    With ``film`` the caption, pooled by attention, joins the timestep
-    embedding, and that embedding scales and shifts every ResNet block's
-    normalised features (FiLM) instead of being added before a group norm
-    that takes most of a uniform offset out again. Trained on the pure-noise
-    step alone (caption to picture), the committed design had not learnt
-    the background colour after 1,400 steps; a variant of this one that
-    also cross-attends at a third level had it after about 300, at half the
-    learning rate (README, "The embedded model")."""
+def unet():
+    """The UNet. The caption reaches it two ways: cross-attention at the two
+    lowest levels, where each latent pixel looks up the words that concern
+    it, and pooled (by attention) into the timestep embedding, which scales
+    and shifts every ResNet block's normalised features (FiLM) rather than
+    being added before a group norm that takes most of a uniform offset out
+    again. Trained on the pure-noise step alone (caption to picture), a UNet
+    without the pooled path had not learnt the background colour after
+    1,400 steps; one with it (and a third cross-attention level, at half the
+    learning rate) had it after about 300 (README, "The embedded model")."""
     from diffusers import UNet2DConditionModel
 
-    conditioning = {"addition_embed_type": "text", "addition_embed_type_num_heads": 4, "resnet_time_scale_shift": "scale_shift"}
     return UNet2DConditionModel(
         sample_size=32,
         in_channels=4,
@@ -124,7 +121,9 @@ def unet(film: bool = False):
         attention_head_dim=16,
         norm_num_groups=8,
         cross_attention_dim=TEXT_HIDDEN,
-        **(conditioning if film else {}),
+        addition_embed_type="text",
+        addition_embed_type_num_heads=4,
+        resnet_time_scale_shift="scale_shift",
     )
 
 
