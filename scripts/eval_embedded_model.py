@@ -113,6 +113,35 @@ def contact_sheet(tiles: list[tuple[np.ndarray, str, str]], path: Path, thumb: i
     sheet.save(path)
 
 
+def pipeline_latency(models: str, model: str, sizes: list[int], repeats: int = 5) -> None:
+    """The issue's speed figure: diffusers' own StableDiffusionPipeline on
+    the model's weights, in this process (2 torch threads), at the
+    registry's default steps and guidance; the graph's latency lines above
+    add the stages' hand-offs, PNG encoding and the client."""
+    import torch
+    import yaml
+    from diffusers import StableDiffusionPipeline
+
+    registry = yaml.safe_load(Path(models).read_text())
+    name = next(m["pipeline"] for m in registry["models"] if m["id"] == model)
+    settings = registry["pipelines"][name]
+    source = Path(settings["source"])
+    pipe = StableDiffusionPipeline.from_pretrained(str(source if source.is_absolute() else ROOT / source))
+    pipe.set_progress_bar_config(disable=True)
+    steps, guidance = settings["default_steps"], settings["default_guidance"]
+    for size in sizes:
+        times = []
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            with torch.no_grad():
+                pipe("a red circle on a white background", height=size, width=size, num_inference_steps=steps,
+                     guidance_scale=guidance, generator=torch.Generator().manual_seed(i))
+            times.append(time.perf_counter() - start)
+        # The first call warms up (allocations, lazy imports) and is left out.
+        print(f"one-process diffusers latency {size}x{size} ({steps} steps, guidance {guidance}): "
+              f"median {statistics.median(times[1:]):.2f} s, min {min(times[1:]):.2f} s over {repeats}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=str(ROOT / "configs" / "models.yaml"), help="model registry")
@@ -214,6 +243,7 @@ def main() -> None:
         print(f"latency {size}x{size}: median {statistics.median(times):.2f} s, min {min(times):.2f} s over {len(times)} requests")
     contact_sheet(tiles, Path(args.sheet))
     print(f"contact sheet: {args.sheet}")
+    pipeline_latency(args.models, args.model, [int(s) for s in args.sizes.split(",")])
 
 
 if __name__ == "__main__":
