@@ -125,10 +125,10 @@ def pipeline_latency(models: str, model: str, sizes: list[int], repeats: int = 5
     registry = yaml.safe_load(Path(models).read_text())
     name = next(m["pipeline"] for m in registry["models"] if m["id"] == model)
     settings = registry["pipelines"][name]
-    source = Path(settings["source"])
     # The graph's stages may have set their own thread count (the CPU profile's one per stage).
     torch.set_num_threads(2)
-    pipe = StableDiffusionPipeline.from_pretrained(str(source if source.is_absolute() else ROOT / source))
+    # A relative source is the repository's; ROOT / an absolute path is that path.
+    pipe = StableDiffusionPipeline.from_pretrained(str(ROOT / settings["source"]))
     pipe.set_progress_bar_config(disable=True)
     steps, guidance = settings["default_steps"], settings["default_guidance"]
     for size in sizes:

@@ -202,6 +202,7 @@ class Score:
     shape: bool
     position: bool
     found: str  # what was measured, for the contact sheet
+    fill: float | None = None  # the asked colour's share of its bounding box; None when nearly absent
 
 
 def score(image: np.ndarray, scene: Scene, region: np.ndarray | None = None) -> Score:
@@ -222,7 +223,7 @@ def score(image: np.ndarray, scene: Scene, region: np.ndarray | None = None) -> 
     pixels = colour_map(image) == names.index(shape.colour)
     if region is not None:
         pixels &= region
-    kind, position = "none", "none"
+    kind, position, fill = "none", "none", None
     if pixels.sum() >= 16:
         ys, xs = np.nonzero(pixels)
         # The bounding box spans the rows and columns with more than a few
@@ -233,7 +234,7 @@ def score(image: np.ndarray, scene: Scene, region: np.ndarray | None = None) -> 
         rows, cols = pixels.sum(1), pixels.sum(0)
         rows = np.nonzero(rows >= max(2, 0.05 * rows.max()))[0]
         cols = np.nonzero(cols >= max(2, 0.05 * cols.max()))[0]
-        fill = pixels.sum() / ((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1))
+        fill = float(pixels.sum() / ((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)))
         kind = min(SHAPES, key=lambda k: abs(FILL_RATIOS[k] - fill))
         centre = (xs.mean() / size, ys.mean() / size)
         position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - centre[0]) ** 2 + (POSITIONS[p][1] - centre[1]) ** 2)
@@ -243,4 +244,5 @@ def score(image: np.ndarray, scene: Scene, region: np.ndarray | None = None) -> 
         shape=kind == shape.kind,
         position=position == shape.position,
         found=f"{background}/{colour} {kind} {position}",
+        fill=fill,
     )
