@@ -14,7 +14,9 @@ Three stages, each with a wall-clock budget (or a step count):
 2. the text encoder and UNet together on captioned scenes at 256 and 512
    pixels (``--unet-sizes``), with 10% of captions dropped for
    classifier-free guidance and a quarter of each batch at the pure-noise
-   step the sampler starts from, the VAE's encoder giving the latents;
+   step the sampler starts from, the VAE's encoder giving the latents, and
+   linear read-outs of each scene's background, shape colour, kind and
+   position from the pooled caption (``--caption-attribute-weight``);
 3. optionally (``--decoder-minutes``, 0 by default), the VAE's decoder alone,
    on scenes up to 512 pixels: the encoder is frozen, so the latent space
    the UNet learnt does not move. It needs nothing from stage 2, so
@@ -124,20 +126,26 @@ def palette(resolution: int) -> torch.Tensor:
     return scene_pixels([Scene(name, ()) for name in COLOURS], resolution)
 
 
+def reconstruct(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels through encode (the latent's mean) -> decode, in eval mode
+    and without gradients, leaving the VAE's train mode as it was."""
+    was_training = vae.training
+    vae.eval()
+    with torch.no_grad():
+        out = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
+    vae.train(was_training)
+    return out
+
+
 def colour_errors(vae, resolution: int = 128) -> dict[str, float]:
     """Each named colour as a whole background, through encode -> decode:
     the mean error of its middle, in levels. A VAE that maps two colours to
     one latent (a flat image keeps only the pattern across channels through
     its group norms) shows here as a large error for one of them."""
-    was_training = vae.training
-    vae.eval()
-    with torch.no_grad():
-        pixels = palette(resolution)
-        out = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
-        q = resolution // 4
-        errors = {name: float((out[i] - pixels[i])[..., q:-q, q:-q].abs().mean() * 127.5) for i, name in enumerate(COLOURS)}
-    vae.train(was_training)
-    return errors
+    pixels = palette(resolution)
+    out = reconstruct(vae, pixels)
+    q = resolution // 4
+    return {name: float((out[i] - pixels[i])[..., q:-q, q:-q].abs().mean() * 127.5) for i, name in enumerate(COLOURS)}
 
 
 def reconstruction_scores(vae, resolution: int = 256, count: int = 24) -> dict[str, float]:
@@ -148,12 +156,8 @@ def reconstruction_scores(vae, resolution: int = 256, count: int = 24) -> dict[s
     without ``--vae-shape-weight`` returned a red square on white as teal,
     and its reconstructions scored shape colour 33%, shape 25%, position 58%."""
     scenes = [random_scene(random.Random(f"reconstruction {i}"), two_shapes=0.0) for i in range(count)]
-    was_training = vae.training
-    vae.eval()
-    with torch.no_grad():
-        out = vae.decode(vae.encode(scene_pixels(scenes, resolution)).latent_dist.mean).sample
-    vae.train(was_training)
-    images = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    out = reconstruct(vae, scene_pixels(scenes, resolution))
+    images = ((out + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     scores = [score(image, scene) for image, scene in zip(images, scenes)]
     return {field: 100 * float(np.mean([getattr(s, field) for s in scores])) for field in ("background", "colour", "shape", "position")}
 
@@ -481,8 +485,9 @@ def main() -> None:
         help="extra loss weight on the latent pixels a shape touches (0: every pixel alike)",
     )
     parser.add_argument(
-        "--caption-attribute-weight", type=float, default=0.0,
-        help="weight of the loss that reads each scene's background, shape colour, kind and position from the pooled caption (0: none)",
+        "--caption-attribute-weight", type=float, default=0.1,
+        help="weight of the loss that reads each scene's background, shape colour, kind and position from the pooled caption "
+        "(0: none, as the weights committed before the second set of 2026-12-02 were trained)",
     )
     parser.add_argument(
         "--unet-init", help="a pipeline folder whose UNet and text encoder to continue training from, instead of new weights"
