@@ -154,7 +154,7 @@ def reconstruction_scores(vae, resolution: int = 256, count: int = 24) -> dict[s
     VAE can reach. The mean pixel error hides a shape that comes back in
     the wrong colour (it is a few percent of the pixels); the VAE trained
     without ``--vae-shape-weight`` returned a red square on white as teal,
-    and its reconstructions scored shape colour 33%, shape 25%, position 58%."""
+    and its reconstructions scored shape colour 54%, shape 54%, position 58%."""
     scenes = [random_scene(random.Random(f"reconstruction {i}"), two_shapes=0.0) for i in range(count)]
     out = reconstruct(vae, scene_pixels(scenes, resolution))
     images = ((out + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
@@ -318,7 +318,9 @@ def caption_attribute_loss(heads, pooled: torch.Tensor, scenes: list[Scene], cap
     encoder had not learnt to say them, while its pictures put shapes in
     about the right place no more often than chance. Asking the pooled
     caption to say each attribute plainly is a cheap push (the heads are
-    thrown away; the text encoder stays a standard CLIP one)."""
+    thrown away; the text encoder stays a standard CLIP one). With it at
+    0.1, the committed run's checkpoint at 8,000 steps put 100% of the
+    shapes in the named place (n=8 per set, 256 and 512)."""
     kept = [i for i, text in enumerate(captions) if text]
     if not kept:
         return pooled.sum() * 0
