@@ -82,6 +82,20 @@ def test_named_colours_come_out_where_asked(client, prompt, shape_at, shape, bac
     assert border_colour(image) == background
 
 
+@pytest.mark.parametrize("style", ["vivid", "natural"])
+def test_each_dall_e_3_style_draws_the_caption(client, style):
+    # dall-e-3's styles reach the model as guidance and a prompt template;
+    # words the model never saw (a real model's "vivid colors, dramatic
+    # lighting") would turn this scene into a jumble.
+    img = client.images.generate(
+        prompt="a large red square in the centre on a blue background", model="dall-e-3", size="1024x1024",
+        style=style, response_format="b64_json", extra_body={"seed": 1},
+    )
+    image = decode(img.data[0].b64_json)
+    assert region_colour(image, 0.4, 0.4, 0.6, 0.6) == "red"
+    assert border_colour(image) == "blue"
+
+
 def inpaint(client, masked: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A large red circle on the left of a white scene, one half (``masked``:
     "left" or "right") repainted for "a large blue square on the right, white

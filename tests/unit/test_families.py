@@ -175,7 +175,16 @@ def test_qualities():
 def test_style():
     vivid = resolve(model="dall-e-3", size="1024x1024")
     natural = resolve(model="dall-e-3", size="1024x1024", style="natural")
-    assert vivid.guidance != natural.guidance
+    assert vivid.guidance > natural.guidance
+    # The shipped styles add no words (the embedded model knows only its
+    # scenes'); a dall-e-3 entry without `styles` gets the built-in presets,
+    # whose vivid template does.
+    assert vivid.prompt == natural.prompt == "otter"
+    models = [{k: v for k, v in m.items() if k != "styles"} for m in REGISTRY.model_dump()["models"]]
+    built_in = registry_with(models=models)
+    vivid = resolve(built_in, model="dall-e-3", size="1024x1024")
+    natural = resolve(built_in, model="dall-e-3", size="1024x1024", style="natural")
+    assert vivid.guidance > natural.guidance
     assert vivid.prompt != "otter" and "otter" in vivid.prompt and natural.prompt == "otter"
     assert "style" in resolve(model="dall-e-2", style="vivid").ignored
     assert "style" in resolve(model="gpt-image-1", style="natural").ignored
