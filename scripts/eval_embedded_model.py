@@ -56,27 +56,16 @@ from serve_app.pipeline.scenes import (  # noqa: E402
     score,
 )
 
-API_KEY = "sk-eval"
-
-
 def client_for(models: str, data_dir: str):
     """The openai client on the in-process graph built from a registry."""
     import openai
     from fastapi.testclient import TestClient
 
-    from serve_app.config import load_app_config
-    from serve_app.deployments.ingress import ImagesIngress
-    from serve_app.deployments.post_processor import PostProcessor
-    from tests.conftest import LocalHandle, real_stages
+    from tests.conftest import TEST_API_KEY, in_process_app
 
-    keys = Path(data_dir) / "api_keys"
-    keys.parent.mkdir(parents=True, exist_ok=True)
-    keys.write_text(API_KEY + "\n")
-    config, registry = load_app_config({"models": models, "data_dir": data_dir, "api_keys_file": str(keys), "url_signing_key": "eval"})
-    ingress = ImagesIngress(config, registry, "eval", real_stages(config, registry), LocalHandle(PostProcessor(config)))
-    http = TestClient(ingress.__serve_build_asgi_app__())
+    http = TestClient(in_process_app(models, data_dir))
     http.__enter__()
-    return openai.OpenAI(api_key=API_KEY, base_url="http://testserver/v1", http_client=http, max_retries=0)
+    return openai.OpenAI(api_key=TEST_API_KEY, base_url="http://testserver/v1", http_client=http, max_retries=0)
 
 
 def decode(b64: str) -> np.ndarray:
@@ -115,7 +104,7 @@ def contact_sheet(tiles: list[tuple[np.ndarray, str, str]], path: Path, thumb: i
 
 def pipeline_latency(models: str, model: str, sizes: list[int], repeats: int = 5) -> None:
     """The issue's speed figure: diffusers' own StableDiffusionPipeline on
-    the model's weights, in this process (2 torch threads), at the
+    the model's weights, in this process (main's 2 torch threads), at the
     registry's default steps and guidance; the graph's latency lines (printed later)
     add the stages' hand-offs, PNG encoding and the client."""
     import torch
@@ -125,7 +114,6 @@ def pipeline_latency(models: str, model: str, sizes: list[int], repeats: int = 5
     registry = yaml.safe_load(Path(models).read_text())
     name = next(m["pipeline"] for m in registry["models"] if m["id"] == model)
     settings = registry["pipelines"][name]
-    torch.set_num_threads(2)
     # A relative source is the repository's; ROOT / an absolute path is that path.
     pipe = StableDiffusionPipeline.from_pretrained(str(ROOT / settings["source"]))
     pipe.set_progress_bar_config(disable=True)

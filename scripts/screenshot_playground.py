@@ -11,10 +11,8 @@ streaming a generation of two images the embedded model can draw.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +21,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PROMPT = "a small yellow triangle in the top left corner, purple background"
-API_KEY = "sk-screenshot"
 
 
 def main() -> None:
@@ -35,50 +32,33 @@ def main() -> None:
     parser.add_argument("--seed", default="1234")
     args = parser.parse_args()
 
-    import uvicorn
-
-    from serve_app.config import load_app_config
-    from serve_app.deployments.ingress import ImagesIngress
-    from serve_app.deployments.post_processor import PostProcessor
     from tests.browser.cdp import Chromium
-    from tests.browser.test_playground import KEY_STORAGE
-    from tests.conftest import LocalHandle, real_stages
+    from tests.browser.conftest import PlaygroundServer, serving
+    from tests.browser.test_playground import open_playground
+    from tests.conftest import in_process_app
     from tests.integration.conftest import free_port
 
-    data = Path(tempfile.mkdtemp(prefix="screenshot-"))
-    (data / "api_keys").write_text(API_KEY + "\n")
-    config, registry = load_app_config(
-        {"models": str(ROOT / "configs" / "models.yaml"), "data_dir": str(data), "api_keys_file": str(data / "api_keys"), "url_signing_key": "screenshot"}
-    )
-    app = ImagesIngress(config, registry, "screenshot", real_stages(config, registry), LocalHandle(PostProcessor(config))).__serve_build_asgi_app__()
+    app = in_process_app(ROOT / "configs" / "models.yaml", tempfile.mkdtemp(prefix="screenshot-"))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-
     browser = Chromium()
     try:
-        page = browser.new_page()
-        page.call("Emulation.setDeviceMetricsOverride", {"width": 1100, "height": 900, "deviceScaleFactor": 1, "mobile": False})
-        page.call("Page.addScriptToEvaluateOnNewDocument", {"source": f"sessionStorage.setItem({json.dumps(KEY_STORAGE)}, {json.dumps(API_KEY)});"})
-        page.goto(f"http://127.0.0.1:{port}/")
-        page.wait_for("document.querySelectorAll('#model option').length > 0")
-        page.choose("#model", args.model)
-        page.choose("#quality", args.quality)
-        page.choose("#size", "custom")
-        page.type_into("#size-custom", args.size)
-        page.evaluate("document.querySelector('#n').value = '2'")
-        page.type_into("#seed", args.seed)
-        page.type_into("#prompt", PROMPT)
-        page.press_enter(ctrl=True)
-        page.wait_for("document.querySelectorAll('.result[data-state=final]').length == 2", timeout=120)
-        time.sleep(0.5)  # the last image's decode and layout
-        print(page.screenshot(Path(args.out)))
+        with serving(app, port):
+            page = browser.new_page()
+            page.call("Emulation.setDeviceMetricsOverride", {"width": 1100, "height": 900, "deviceScaleFactor": 1, "mobile": False})
+            open_playground(page, PlaygroundServer(f"http://127.0.0.1:{port}"))
+            page.choose("#model", args.model)
+            page.choose("#quality", args.quality)
+            page.choose("#size", "custom")
+            page.type_into("#size-custom", args.size)
+            page.evaluate("document.querySelector('#n').value = '2'")
+            page.type_into("#seed", args.seed)
+            page.type_into("#prompt", PROMPT)
+            page.press_enter(ctrl=True)
+            page.wait_for("document.querySelectorAll('.result[data-state=final]').length == 2", timeout=120)
+            time.sleep(0.5)  # the last image's decode and layout
+            print(page.screenshot(Path(args.out)))
     finally:
         browser.close()
-        server.should_exit = True
-
 
 if __name__ == "__main__":
     main()

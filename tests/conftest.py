@@ -183,6 +183,25 @@ def in_process_stages(config, registry, classes: dict[str, type]) -> dict[str, d
     return pipelines
 
 
+def in_process_app(models: str | Path, data_dir: str | Path):
+    """The real ingress ASGI app over a registry file, its model stages and
+    post-processor in this process (no Ray), accepting TEST_API_KEY: what
+    the embedded model's tests, its evaluation and the playground
+    screenshot run against."""
+    from serve_app.config import load_app_config
+    from serve_app.deployments.ingress import ImagesIngress
+    from serve_app.deployments.post_processor import PostProcessor
+
+    keys = Path(data_dir) / "api_keys"
+    keys.parent.mkdir(parents=True, exist_ok=True)
+    keys.write_text(f"{TEST_API_KEY}\n")
+    config, registry = load_app_config(
+        {"models": str(models), "data_dir": str(data_dir), "api_keys_file": str(keys), "url_signing_key": TEST_SIGNING_KEY}
+    )
+    ingress = ImagesIngress(config, registry, TEST_SIGNING_KEY, real_stages(config, registry), LocalHandle(PostProcessor(config)))
+    return ingress.__serve_build_asgi_app__()
+
+
 @pytest.fixture()
 def ingress_client(local_stages, monkeypatch):
     """The real FastAPI ingress (middleware, routes, error mapping) without Ray,

@@ -4,6 +4,7 @@ Ray) on a free 127.0.0.1 port, and one headless Chromium per module."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -125,6 +126,14 @@ def playground_server(local_stages):
         _recording_route(server, "/v1/images/edits", "image_edit"),
         _recording_route(server, "/v1/images/variations", "image_variation"),
     ]
+    with serving(app, port):
+        yield server
+
+
+@contextlib.contextmanager
+def serving(app, port: int):
+    """An ASGI app served by uvicorn on 127.0.0.1:port in a thread, for the
+    length of the block."""
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=uv.run, name="playground-uvicorn", daemon=True)
     thread.start()
@@ -132,9 +141,11 @@ def playground_server(local_stages):
     while not uv.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
-    yield server
-    uv.should_exit = True
-    thread.join(10)
+    try:
+        yield
+    finally:
+        uv.should_exit = True
+        thread.join(10)
 
 
 @pytest.fixture(scope="module")

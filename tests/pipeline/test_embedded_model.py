@@ -17,7 +17,7 @@ from PIL import Image
 
 from serve_app.config import PROJECT_ROOT
 from serve_app.pipeline.scenes import Scene, Shape, caption, nearest_colour, render
-from tests.conftest import TEST_API_KEY, TEST_SIGNING_KEY
+from tests.conftest import TEST_API_KEY, in_process_app
 
 SHIPPED_MODELS = PROJECT_ROOT / "configs" / "models.yaml"
 
@@ -28,19 +28,7 @@ def client(tmp_path_factory):
     registry, i.e. the committed embedded model at its default steps."""
     from fastapi.testclient import TestClient
 
-    from serve_app.config import load_app_config
-    from serve_app.deployments.ingress import ImagesIngress
-    from serve_app.deployments.post_processor import PostProcessor
-    from tests.conftest import LocalHandle, real_stages
-
-    root = tmp_path_factory.mktemp("embedded")
-    keys = root / "api_keys"
-    keys.write_text(f"{TEST_API_KEY}\n")
-    config, registry = load_app_config(
-        {"models": str(SHIPPED_MODELS), "data_dir": str(root / "data"), "api_keys_file": str(keys), "url_signing_key": TEST_SIGNING_KEY}
-    )
-    ingress = ImagesIngress(config, registry, TEST_SIGNING_KEY, real_stages(config, registry), LocalHandle(PostProcessor(config)))
-    with TestClient(ingress.__serve_build_asgi_app__()) as http:
+    with TestClient(in_process_app(SHIPPED_MODELS, tmp_path_factory.mktemp("embedded"))) as http:
         yield openai.OpenAI(api_key=TEST_API_KEY, base_url="http://testserver/v1", http_client=http, max_retries=0)
 
 
